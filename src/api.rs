@@ -1,0 +1,151 @@
+//! The `aggregator.v1.Aggregator` handlers: protobuf in, domain call, protobuf out.
+
+use std::sync::Arc;
+
+use prost_types::{ListValue, Struct, Value, value::Kind};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    config::Mode,
+    deadline::Deadline,
+    fanout::Outcome,
+    gateway::{Call, Gateway},
+    pb::aggregator::v1::{
+        self as pb, AggregateRequest, AggregateResponse, FetchAllRequest, FetchAllResponse,
+        SourceResult,
+    },
+};
+
+pub struct AggregatorApi {
+    gateway: Arc<Gateway>,
+}
+
+impl AggregatorApi {
+    pub fn new(gateway: Arc<Gateway>) -> Self {
+        Self { gateway }
+    }
+}
+
+/// The caller's deadline, stamped on arrival by the server's edge layer.
+fn caller_deadline<T>(request: &Request<T>) -> Option<Deadline> {
+    request.extensions().get::<Deadline>().copied()
+}
+
+#[tonic::async_trait]
+impl pb::aggregator_server::Aggregator for AggregatorApi {
+    async fn aggregate(
+        &self,
+        request: Request<AggregateRequest>,
+    ) -> Result<Response<AggregateResponse>, Status> {
+        let deadline = caller_deadline(&request);
+        let req = request.into_inner();
+        let outcomes = self
+            .gateway
+            .call(Call {
+                aggregation: &req.aggregation,
+                params: &req.params,
+                sources: &[],
+                mode: None,
+                deadline,
+            })
+            .await
+            .map_err(|e| e.to_status())?;
+        let mut data = Struct::default();
+        let mut sources = Vec::with_capacity(outcomes.len());
+        let mut complete = true;
+        for outcome in outcomes {
+            let (mut result, value) = source_result(outcome);
+            complete &= result.code == 0;
+            if let Some(value) = value {
+                data.fields.insert(result.source.clone(), value);
+            }
+            result.data = None;
+            sources.push(result);
+        }
+        Ok(Response::new(AggregateResponse {
+            data: Some(data),
+            complete,
+            sources,
+        }))
+    }
+
+    async fn fetch_all(
+        &self,
+        request: Request<FetchAllRequest>,
+    ) -> Result<Response<FetchAllResponse>, Status> {
+        let deadline = caller_deadline(&request);
+        let req = request.into_inner();
+        let mode = match pb::Mode::try_from(req.mode) {
+            Ok(pb::Mode::Unspecified) => None,
+            Ok(pb::Mode::FailFast) => Some(Mode::FailFast),
+            Ok(pb::Mode::BestEffort) => Some(Mode::BestEffort),
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown mode {}: expected MODE_UNSPECIFIED, MODE_FAIL_FAST or MODE_BEST_EFFORT",
+                    req.mode
+                )));
+            }
+        };
+        let outcomes = self
+            .gateway
+            .call(Call {
+                aggregation: &req.aggregation,
+                params: &req.params,
+                sources: &req.sources,
+                mode,
+                deadline,
+            })
+            .await
+            .map_err(|e| e.to_status())?;
+        let results: Vec<SourceResult> = outcomes
+            .into_iter()
+            .map(|o| {
+                let (mut result, value) = source_result(o);
+                result.data = value;
+                result
+            })
+            .collect();
+        Ok(Response::new(FetchAllResponse {
+            complete: results.iter().all(|r| r.code == 0),
+            results,
+        }))
+    }
+}
+
+/// The result without data, and the data as a protobuf value.
+fn source_result(outcome: Outcome) -> (SourceResult, Option<Value>) {
+    let (code, message, value) = match outcome.result {
+        Ok(json) => (0, String::new(), Some(to_value(json))),
+        Err(e) => (e.code() as i32, e.to_string(), None),
+    };
+    let result = SourceResult {
+        source: outcome.source.to_string(),
+        code,
+        message,
+        data: None,
+        elapsed: prost_types::Duration::try_from(outcome.elapsed).ok(),
+        attempts: outcome.attempts,
+        coalesced: false,
+        skipped: false,
+    };
+    (result, value)
+}
+
+/// JSON to `google.protobuf.Value`. Numbers become doubles, as in any
+/// protobuf Struct: integers beyond 2^53 lose precision.
+pub fn to_value(json: serde_json::Value) -> Value {
+    use serde_json::Value as J;
+    let kind = match json {
+        J::Null => Kind::NullValue(0),
+        J::Bool(b) => Kind::BoolValue(b),
+        J::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
+        J::String(s) => Kind::StringValue(s),
+        J::Array(items) => Kind::ListValue(ListValue {
+            values: items.into_iter().map(to_value).collect(),
+        }),
+        J::Object(fields) => Kind::StructValue(Struct {
+            fields: fields.into_iter().map(|(k, v)| (k, to_value(v))).collect(),
+        }),
+    };
+    Value { kind: Some(kind) }
+}

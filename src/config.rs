@@ -1,0 +1,520 @@
+//! Configuration: the TOML file model (serde, unknown keys refused) and its
+//! validation into runtime specs. Templates are compiled and descriptor files
+//! loaded here, once; nothing is parsed per request.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use http::{HeaderName, Method, Uri, uri::PathAndQuery};
+use serde::Deserialize;
+
+use crate::{
+    template::{JsonTemplate, StrTemplate, TemplateError, UrlTemplate},
+    upstream::schema::{self, MethodSchema},
+};
+
+/// Default cap on an upstream response body.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
+
+/// A config that cannot be used; names the file, the key and what was expected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{origin}: cannot read: {source}")]
+    Read {
+        origin: String,
+        source: std::io::Error,
+    },
+    #[error("{origin}: {source}")]
+    Parse {
+        origin: String,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{origin}: `{key}`: {message}")]
+    Invalid {
+        origin: String,
+        key: String,
+        message: String,
+    },
+}
+
+// ---- the file model ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileModel {
+    #[serde(default)]
+    server: ServerModel,
+    #[serde(default)]
+    sources: BTreeMap<String, SourceModel>,
+    #[serde(default)]
+    aggregations: BTreeMap<String, AggregationModel>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerModel {
+    #[serde(default = "default_listen")]
+    listen: SocketAddr,
+    #[serde(default = "default_drain", with = "humantime_serde")]
+    drain_timeout: Duration,
+}
+
+impl Default for ServerModel {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            drain_timeout: default_drain(),
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 50051))
+}
+
+fn default_drain() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_aggregation_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+enum SourceModel {
+    Grpc(GrpcModel),
+    Http(HttpModel),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrpcModel {
+    endpoint: String,
+    method: String,
+    #[serde(default)]
+    request: Option<toml::Table>,
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
+    max_response_bytes: Option<usize>,
+    #[serde(default)]
+    protos: Vec<PathBuf>,
+    #[serde(default)]
+    import_paths: Vec<PathBuf>,
+    descriptor_set: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpModel {
+    url: String,
+    #[serde(default)]
+    method: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(default)]
+    body: Option<toml::Value>,
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
+    max_response_bytes: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AggregationModel {
+    sources: Vec<String>,
+    #[serde(default)]
+    optional: Vec<String>,
+    #[serde(default)]
+    mode: Mode,
+    #[serde(default = "default_aggregation_timeout", with = "humantime_serde")]
+    timeout: Duration,
+}
+
+// ---- runtime specs ----
+
+/// How failures of sources affect a call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// The first failure of a required source cancels the rest and fails the call.
+    #[default]
+    FailFast,
+    /// Every source runs to completion; failures are reported per source.
+    BestEffort,
+}
+
+/// A validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    /// Address the gateway serves gRPC on.
+    pub listen: SocketAddr,
+    /// How long in-flight calls may run after a shutdown signal.
+    pub drain_timeout: Duration,
+    /// Every source, sorted by name.
+    pub sources: Vec<Arc<SourceSpec>>,
+    /// Every aggregation, sorted by name.
+    pub aggregations: Vec<AggregationSpec>,
+}
+
+#[derive(Debug)]
+pub struct SourceSpec {
+    pub name: Arc<str>,
+    /// The source's own bound on one call, if shorter than the call's deadline.
+    pub timeout: Option<Duration>,
+    /// Largest response body accepted from the upstream.
+    pub max_response_bytes: usize,
+    pub kind: SourceKind,
+}
+
+#[derive(Debug)]
+pub enum SourceKind {
+    Grpc(GrpcSpec),
+    Http(HttpSpec),
+}
+
+#[derive(Debug)]
+pub struct GrpcSpec {
+    pub endpoint: Uri,
+    /// Fully qualified service name, e.g. `demo.v1.Profiles`.
+    pub service: String,
+    pub method: String,
+    /// `/service/method`, the HTTP/2 path of the call.
+    pub path: PathAndQuery,
+    pub request: JsonTemplate,
+    /// Known at load when `protos` or `descriptor_set` is given; else learned
+    /// from the upstream's reflection on first use.
+    pub schema: Option<MethodSchema>,
+}
+
+#[derive(Debug)]
+pub struct HttpSpec {
+    pub method: Method,
+    pub url: UrlTemplate,
+    pub headers: Vec<(HeaderName, StrTemplate)>,
+    pub body: Option<JsonTemplate>,
+}
+
+impl SourceSpec {
+    /// The placeholder names this source's requests need, deduplicated.
+    pub fn params(&self) -> Vec<Arc<str>> {
+        let all: Vec<&Arc<str>> = match &self.kind {
+            SourceKind::Grpc(g) => g.request.params().collect(),
+            SourceKind::Http(h) => h
+                .url
+                .params()
+                .chain(h.headers.iter().flat_map(|(_, t)| t.params()))
+                .chain(h.body.iter().flat_map(JsonTemplate::params))
+                .collect(),
+        };
+        let mut out: Vec<Arc<str>> = Vec::new();
+        for p in all {
+            if !out.contains(p) {
+                out.push(p.clone());
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug)]
+pub struct AggregationSpec {
+    pub name: Arc<str>,
+    /// Sources in configured order, each with whether it is optional.
+    pub members: Vec<(Arc<SourceSpec>, bool)>,
+    pub mode: Mode,
+    /// Cap on the whole call; a shorter caller deadline wins.
+    pub timeout: Duration,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            origin: origin.clone(),
+            source,
+        })?;
+        Self::parse(&text, &origin, path.parent().unwrap_or(Path::new(".")))
+    }
+
+    /// Validates config text; `origin` names it in errors and `base_dir`
+    /// anchors relative paths (`protos`, `descriptor_set`).
+    pub fn parse(text: &str, origin: &str, base_dir: &Path) -> Result<Self, ConfigError> {
+        let model: FileModel = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_owned(),
+            source: Box::new(e),
+        })?;
+        let v = Validator { origin, base_dir };
+        let sources: Vec<Arc<SourceSpec>> = model
+            .sources
+            .into_iter()
+            .map(|(name, m)| v.source(name, m).map(Arc::new))
+            .collect::<Result<_, _>>()?;
+        let aggregations = model
+            .aggregations
+            .into_iter()
+            .map(|(name, m)| v.aggregation(name, m, &sources))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            listen: model.server.listen,
+            drain_timeout: model.server.drain_timeout,
+            sources,
+            aggregations,
+        })
+    }
+}
+
+struct Validator<'a> {
+    origin: &'a str,
+    base_dir: &'a Path,
+}
+
+impl Validator<'_> {
+    fn err(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            origin: self.origin.to_owned(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn name(&self, table: &str, name: &str) -> Result<(), ConfigError> {
+        let ok = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        ok.then_some(()).ok_or_else(|| {
+            self.err(
+                format!("{table}.{name}"),
+                "a name is made of letters, digits, `_` and `-`",
+            )
+        })
+    }
+
+    fn source(&self, name: String, model: SourceModel) -> Result<SourceSpec, ConfigError> {
+        self.name("sources", &name)?;
+        let key = |field: &str| format!("sources.{name}.{field}");
+        let template_err = |field: &str, e: TemplateError| self.err(key(field), e.to_string());
+        let (timeout, max_response_bytes, kind) = match model {
+            SourceModel::Grpc(g) => {
+                let endpoint: Uri = g
+                    .endpoint
+                    .parse()
+                    .ok()
+                    .filter(|u: &Uri| u.scheme_str() == Some("http") && u.authority().is_some())
+                    .ok_or_else(|| self.err(key("endpoint"), "expected an http://host:port URL"))?;
+                let (service, method) = g
+                    .method
+                    .split_once('/')
+                    .filter(|(s, m)| s.contains('.') && !m.is_empty() && !m.contains('/'))
+                    .ok_or_else(|| self.err(key("method"), "expected `package.Service/Method`"))?;
+                let path = PathAndQuery::try_from(format!("/{service}/{method}"))
+                    .map_err(|e| self.err(key("method"), e.to_string()))?;
+                let request = toml_to_json(&toml::Value::Table(g.request.unwrap_or_default()))
+                    .map_err(|m| self.err(key("request"), m))?;
+                let request =
+                    JsonTemplate::compile(&request).map_err(|e| template_err("request", e))?;
+                let schema = self
+                    .schema(&g.protos, &g.import_paths, g.descriptor_set.as_deref())
+                    .map_err(|(field, m)| self.err(key(field), m))?
+                    .map(|pool| {
+                        let s = schema::method_schema(&pool, service, method)?;
+                        schema::check_template(&request, &s.input)?;
+                        Ok(s)
+                    })
+                    .transpose()
+                    .map_err(|m: String| self.err(key("method"), m))?;
+                let spec = GrpcSpec {
+                    endpoint,
+                    service: service.to_owned(),
+                    method: method.to_owned(),
+                    path,
+                    request,
+                    schema,
+                };
+                (g.timeout, g.max_response_bytes, SourceKind::Grpc(spec))
+            }
+            SourceModel::Http(h) => {
+                let url = UrlTemplate::parse(&h.url).map_err(|e| template_err("url", e))?;
+                let method = match h.method.as_deref().unwrap_or("GET") {
+                    m @ ("GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE") => {
+                        Method::from_bytes(m.as_bytes()).expect("standard method")
+                    }
+                    other => {
+                        return Err(self.err(
+                            key("method"),
+                            format!("`{other}`: expected GET, HEAD, POST, PUT, PATCH or DELETE"),
+                        ));
+                    }
+                };
+                let headers = h
+                    .headers
+                    .iter()
+                    .map(|(k, v)| {
+                        let hkey = key(&format!("headers.{k}"));
+                        let name = HeaderName::try_from(k.as_str())
+                            .map_err(|_| self.err(&hkey, "not a valid header name"))?;
+                        let value =
+                            StrTemplate::parse(v).map_err(|e| self.err(&hkey, e.to_string()))?;
+                        // Literal text must already be a valid header value.
+                        let probe = value.params().map(|p| (p.to_string(), String::new()));
+                        crate::template::render_header(&value, &probe.collect())
+                            .map_err(|_| self.err(&hkey, "not a valid header value"))?;
+                        Ok((name, value))
+                    })
+                    .collect::<Result<_, ConfigError>>()?;
+                let body = h
+                    .body
+                    .map(|b| {
+                        if method == Method::GET || method == Method::HEAD {
+                            return Err(self.err(key("body"), "GET and HEAD requests have no body"));
+                        }
+                        let json = toml_to_json(&b).map_err(|m| self.err(key("body"), m))?;
+                        JsonTemplate::compile(&json).map_err(|e| template_err("body", e))
+                    })
+                    .transpose()?;
+                let spec = HttpSpec {
+                    method,
+                    url,
+                    headers,
+                    body,
+                };
+                (h.timeout, h.max_response_bytes, SourceKind::Http(spec))
+            }
+        };
+        if timeout == Some(Duration::ZERO) {
+            return Err(self.err(key("timeout"), "must be greater than zero"));
+        }
+        if max_response_bytes == Some(0) {
+            return Err(self.err(key("max_response_bytes"), "must be greater than zero"));
+        }
+        Ok(SourceSpec {
+            name: name.into(),
+            timeout,
+            max_response_bytes: max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES),
+            kind,
+        })
+    }
+
+    /// Loads descriptors named in the config, if any: (field, message) on error.
+    fn schema(
+        &self,
+        protos: &[PathBuf],
+        import_paths: &[PathBuf],
+        descriptor_set: Option<&Path>,
+    ) -> Result<Option<prost_reflect::DescriptorPool>, (&'static str, String)> {
+        let resolve = |p: &Path| self.base_dir.join(p);
+        match (protos.is_empty(), descriptor_set) {
+            (true, None) => Ok(None),
+            (false, Some(_)) => Err((
+                "descriptor_set",
+                "give either `protos` or `descriptor_set`, not both".into(),
+            )),
+            (true, Some(path)) => {
+                let path = resolve(path);
+                let bytes = std::fs::read(&path)
+                    .map_err(|e| ("descriptor_set", format!("{}: {e}", path.display())))?;
+                prost_reflect::DescriptorPool::decode(bytes.as_slice())
+                    .map(Some)
+                    .map_err(|e| ("descriptor_set", format!("{}: {e}", path.display())))
+            }
+            (false, None) => {
+                let mut includes: Vec<PathBuf> = import_paths.iter().map(|p| resolve(p)).collect();
+                if includes.is_empty() {
+                    includes.push(self.base_dir.to_path_buf());
+                }
+                let fds =
+                    protox::compile(protos, &includes).map_err(|e| ("protos", e.to_string()))?;
+                prost_reflect::DescriptorPool::from_file_descriptor_set(fds)
+                    .map(Some)
+                    .map_err(|e| ("protos", e.to_string()))
+            }
+        }
+    }
+
+    fn aggregation(
+        &self,
+        name: String,
+        model: AggregationModel,
+        sources: &[Arc<SourceSpec>],
+    ) -> Result<AggregationSpec, ConfigError> {
+        self.name("aggregations", &name)?;
+        let key = |field: &str| format!("aggregations.{name}.{field}");
+        if model.sources.is_empty() {
+            return Err(self.err(key("sources"), "list at least one source"));
+        }
+        let known = || {
+            sources
+                .iter()
+                .map(|s| &*s.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut seen = HashSet::new();
+        let members = model
+            .sources
+            .iter()
+            .map(|s| {
+                if !seen.insert(s.as_str()) {
+                    return Err(self.err(key("sources"), format!("source '{s}' is listed twice")));
+                }
+                let spec = sources
+                    .iter()
+                    .find(|spec| &*spec.name == s)
+                    .ok_or_else(|| {
+                        self.err(
+                            key("sources"),
+                            format!("unknown source '{s}' (known: {})", known()),
+                        )
+                    })?;
+                Ok((spec.clone(), model.optional.contains(s)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(stray) = model.optional.iter().find(|o| !seen.contains(o.as_str())) {
+            return Err(self.err(
+                key("optional"),
+                format!("'{stray}' is not one of this aggregation's sources"),
+            ));
+        }
+        if model.timeout.is_zero() {
+            return Err(self.err(key("timeout"), "must be greater than zero"));
+        }
+        Ok(AggregationSpec {
+            name: name.into(),
+            members,
+            mode: model.mode,
+            timeout: model.timeout,
+        })
+    }
+}
+
+/// TOML to JSON; datetimes and non-finite floats have no JSON form.
+fn toml_to_json(value: &toml::Value) -> Result<serde_json::Value, String> {
+    use serde_json::Value as J;
+    Ok(match value {
+        toml::Value::String(s) => J::String(s.clone()),
+        toml::Value::Integer(i) => J::from(*i),
+        toml::Value::Float(f) => serde_json::Number::from_f64(*f)
+            .map(J::Number)
+            .ok_or("NaN and infinity have no JSON form")?,
+        toml::Value::Boolean(b) => J::Bool(*b),
+        toml::Value::Datetime(d) => return Err(format!("datetime {d} has no JSON form; quote it")),
+        toml::Value::Array(items) => {
+            J::Array(items.iter().map(toml_to_json).collect::<Result<_, _>>()?)
+        }
+        toml::Value::Table(t) => J::Object(
+            t.iter()
+                .map(|(k, v)| Ok((k.clone(), toml_to_json(v)?)))
+                .collect::<Result<_, String>>()?,
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests;

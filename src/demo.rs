@@ -1,0 +1,149 @@
+//! The built-in demo upstreams: a gRPC `demo.v1.Profiles` (with reflection)
+//! and an HTTP `GET /users/{user_id}/orders`, each answering after `delay`.
+//! User `0` does not exist, so error paths can be tried too.
+
+use std::{convert::Infallible, future::Future, net::SocketAddr, path::Path, time::Duration};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+    service::TowerToHyperService,
+};
+use tokio::net::TcpListener;
+use tonic::service::Routes;
+
+use crate::{
+    config::{Config, ConfigError},
+    pb::{
+        DEMO_DESCRIPTOR,
+        demo::v1::{
+            GetProfileRequest, Profile,
+            profiles_server::{Profiles, ProfilesServer},
+        },
+    },
+    server::{accept_loop, serve_h2},
+};
+
+/// The commented example config, written for the demo upstreams.
+pub const EXAMPLE_CONFIG: &str = include_str!("../examples/gateway.toml");
+const EXAMPLE_GRPC: &str = "127.0.0.1:50061";
+const EXAMPLE_HTTP: &str = "127.0.0.1:8081";
+
+/// The example config pointed at demo upstreams listening on `grpc` and `http`.
+pub fn config(grpc: SocketAddr, http: SocketAddr) -> Result<Config, ConfigError> {
+    let text = EXAMPLE_CONFIG
+        .replace(EXAMPLE_GRPC, &grpc.to_string())
+        .replace(EXAMPLE_HTTP, &http.to_string());
+    Config::parse(&text, "built-in demo config", Path::new("."))
+}
+
+/// Serves both demo upstreams until `shutdown`.
+pub async fn serve(
+    grpc: TcpListener,
+    http: TcpListener,
+    delay: Duration,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic_reflection::server::Error> {
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(DEMO_DESCRIPTOR)
+        .build_v1()?;
+    let routes = Routes::new(ProfilesServer::new(DemoProfiles { delay }))
+        .add_service(reflection)
+        .prepare();
+    let shutdown = futures_util::FutureExt::shared(Box::pin(shutdown));
+    let drain = Duration::from_secs(1);
+    let orders = TowerToHyperService::new(tower::service_fn(move |req| orders(req, delay)));
+    let http_server = auto::Builder::new(TokioExecutor::new());
+    tokio::join!(
+        serve_h2(grpc, routes, shutdown.clone(), drain),
+        accept_loop(
+            http,
+            move |stream| {
+                http_server
+                    .serve_connection(TokioIo::new(stream), orders)
+                    .into_owned()
+            },
+            shutdown,
+            drain,
+        ),
+    );
+    Ok(())
+}
+
+struct DemoProfiles {
+    delay: Duration,
+}
+
+const NAMES: [&str; 6] = ["Ada", "Grace", "Linus", "Barbara", "Ken", "Margaret"];
+
+fn seed(user_id: &str) -> usize {
+    user_id
+        .bytes()
+        .fold(7usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize))
+}
+
+#[tonic::async_trait]
+impl Profiles for DemoProfiles {
+    async fn get_profile(
+        &self,
+        request: tonic::Request<GetProfileRequest>,
+    ) -> Result<tonic::Response<Profile>, tonic::Status> {
+        tokio::time::sleep(self.delay).await;
+        let user_id = request.into_inner().user_id;
+        if user_id == "0" {
+            return Err(tonic::Status::not_found("no user '0'"));
+        }
+        let name = NAMES[seed(&user_id) % NAMES.len()];
+        Ok(tonic::Response::new(Profile {
+            email: format!("{}@example.com", name.to_lowercase()),
+            name: format!("{name} #{user_id}"),
+            user_id,
+        }))
+    }
+}
+
+async fn orders(
+    req: Request<Incoming>,
+    delay: Duration,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    tokio::time::sleep(delay).await;
+    let path = req.uri().path();
+    let user = path
+        .strip_prefix("/users/")
+        .and_then(|rest| rest.strip_suffix("/orders"))
+        .filter(|u| !u.is_empty() && !u.contains('/'))
+        .map(|u| {
+            percent_encoding::percent_decode_str(u)
+                .decode_utf8_lossy()
+                .into_owned()
+        });
+    let (status, body) = match user {
+        Some(user) if req.method() == http::Method::GET && user != "0" => {
+            let count = seed(&user) % 3 + 1;
+            let orders: Vec<_> = (1..=count)
+                .map(|n| serde_json::json!({"id": format!("o-{n}"), "total_cents": 1250 * n}))
+                .collect();
+            let body = serde_json::json!({"user_id": user, "orders": orders, "count": count});
+            (StatusCode::OK, body)
+        }
+        Some(_) if req.method() == http::Method::GET => (
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "no such user"}),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "not found"}),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    Ok(response)
+}

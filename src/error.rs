@@ -1,0 +1,195 @@
+//! Typed errors and the one place they become a gRPC `Status`.
+//!
+//! tonic's implicit mapping would report an expired deadline as CANCELLED and
+//! lose which source failed, so every error the gateway answers with goes
+//! through [`Error::to_status`], and every per-source outcome through
+//! [`SourceError::code`].
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::template::RenderError;
+
+/// The `google.rpc.ErrorInfo` domain of errors raised by the gateway.
+pub const ERROR_DOMAIN: &str = "aggregator";
+
+/// A shared, cloneable cause (one failure may be reported to many places).
+pub type Cause = Arc<dyn std::error::Error + Send + Sync>;
+
+/// Why a call failed as a whole.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("unknown aggregation '{0}'")]
+    UnknownAggregation(String),
+    #[error("aggregation '{aggregation}' has no source '{source_name}'")]
+    UnknownSource {
+        aggregation: Arc<str>,
+        source_name: String,
+    },
+    #[error("{0}")]
+    Param(#[from] RenderError),
+    #[error("deadline exceeded after {0:?}")]
+    DeadlineExceeded(Duration),
+    #[error("source '{source_name}': {error}")]
+    Source {
+        source_name: Arc<str>,
+        error: SourceError,
+    },
+}
+
+/// Why one source failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SourceError {
+    /// The upstream answered with a non-OK gRPC status; it passes through.
+    #[error("{}", .message)]
+    Grpc { code: Code, message: String },
+    /// The HTTP upstream answered with a non-2xx status.
+    #[error("upstream answered HTTP {0}")]
+    Http(http::StatusCode),
+    #[error("cannot connect to upstream: {0}")]
+    Connect(Cause),
+    /// The connection failed after it was established (reset, closed early).
+    #[error("upstream connection failed: {0}")]
+    Transport(Cause),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("response body is not JSON: {0}")]
+    NotJson(Arc<serde_json::Error>),
+    #[error("response exceeds the {0}-byte size cap")]
+    TooLarge(usize),
+    /// The response could not be decoded against the method's schema.
+    #[error("cannot decode response: {0}")]
+    Decode(String),
+    /// A parameter value does not fit the request message's field.
+    #[error("request does not fit {message}: {detail}")]
+    Request { message: String, detail: String },
+    /// The method's schema could not be learned or does not match the config.
+    #[error("{0}")]
+    Schema(String),
+}
+
+impl SourceError {
+    pub fn code(&self) -> Code {
+        match self {
+            Self::Grpc { code, .. } => *code,
+            Self::Http(status) => http_status_code(*status),
+            Self::Connect(_) | Self::Transport(_) => Code::Unavailable,
+            Self::Timeout(_) => Code::DeadlineExceeded,
+            Self::NotJson(_) | Self::Decode(_) => Code::Internal,
+            Self::TooLarge(_) => Code::ResourceExhausted,
+            Self::Request { .. } => Code::InvalidArgument,
+            Self::Schema(_) => Code::FailedPrecondition,
+        }
+    }
+}
+
+/// Maps an HTTP status the way google.rpc.Code documents it.
+pub fn http_status_code(status: http::StatusCode) -> Code {
+    match status.as_u16() {
+        400 => Code::InvalidArgument,
+        401 => Code::Unauthenticated,
+        403 => Code::PermissionDenied,
+        404 => Code::NotFound,
+        409 => Code::Aborted,
+        416 => Code::OutOfRange,
+        429 => Code::ResourceExhausted,
+        499 => Code::Cancelled,
+        501 => Code::Unimplemented,
+        502 | 503 => Code::Unavailable,
+        504 => Code::DeadlineExceeded,
+        _ if status.is_success() => Code::Ok,
+        _ if status.is_client_error() => Code::FailedPrecondition,
+        _ if status.is_server_error() => Code::Internal,
+        _ => Code::Unknown,
+    }
+}
+
+impl Error {
+    pub fn code(&self) -> Code {
+        match self {
+            Self::UnknownAggregation(_) => Code::NotFound,
+            Self::UnknownSource { .. } | Self::Param(_) => Code::InvalidArgument,
+            Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            Self::Source { error, .. } => error.code(),
+        }
+    }
+
+    /// The one mapping to the wire. Source failures carry a `google.rpc.ErrorInfo`
+    /// whose metadata names the source, so clients need not parse the message.
+    pub fn to_status(&self) -> Status {
+        let code = self.code();
+        let message = self.to_string();
+        let (reason, metadata) = match self {
+            Self::Source { source_name, .. } => (
+                "SOURCE_FAILED",
+                HashMap::from([
+                    ("source".to_owned(), source_name.to_string()),
+                    ("code".to_owned(), format!("{code:?}")),
+                ]),
+            ),
+            Self::UnknownAggregation(name) => (
+                "UNKNOWN_AGGREGATION",
+                HashMap::from([("aggregation".to_owned(), name.clone())]),
+            ),
+            Self::UnknownSource { source_name, .. } => (
+                "UNKNOWN_SOURCE",
+                HashMap::from([("source".to_owned(), source_name.clone())]),
+            ),
+            Self::Param(RenderError::Missing(name)) => (
+                "MISSING_PARAMETER",
+                HashMap::from([("parameter".to_owned(), name.to_string())]),
+            ),
+            Self::Param(RenderError::Invalid { name, .. }) => (
+                "INVALID_PARAMETER",
+                HashMap::from([("parameter".to_owned(), name.to_string())]),
+            ),
+            Self::DeadlineExceeded(_) => ("DEADLINE_EXCEEDED", HashMap::new()),
+        };
+        Status::with_error_details(
+            code,
+            message,
+            ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_statuses_map_the_google_rpc_way() {
+        for (status, code) in [
+            (400, Code::InvalidArgument),
+            (401, Code::Unauthenticated),
+            (403, Code::PermissionDenied),
+            (404, Code::NotFound),
+            (409, Code::Aborted),
+            (429, Code::ResourceExhausted),
+            (500, Code::Internal),
+            (501, Code::Unimplemented),
+            (502, Code::Unavailable),
+            (503, Code::Unavailable),
+            (504, Code::DeadlineExceeded),
+        ] {
+            let status = http::StatusCode::from_u16(status).unwrap();
+            assert_eq!(http_status_code(status), code, "{status}");
+        }
+    }
+
+    #[test]
+    fn source_errors_name_the_source_and_carry_error_info() {
+        let err = Error::Source {
+            source_name: "profile".into(),
+            error: SourceError::Timeout(Duration::from_millis(500)),
+        };
+        let status = err.to_status();
+        assert_eq!(status.code(), Code::DeadlineExceeded);
+        assert_eq!(status.message(), "source 'profile': timed out after 500ms");
+        let info = status.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(info.metadata["source"], "profile");
+        assert_eq!(info.domain, ERROR_DOMAIN);
+    }
+}

@@ -1,0 +1,102 @@
+//! Concurrent dispatch under one deadline.
+//!
+//! Every source runs as a future inside the caller's own task, so nothing
+//! outlives the request: returning (first required failure, deadline) or being
+//! dropped (caller cancelled) drops the rest, which aborts their requests on
+//! the wire (RST_STREAM for HTTP/2, a closed connection for HTTP/1).
+
+use std::{sync::Arc, time::Duration};
+
+use futures_util::{StreamExt, stream::FuturesUnordered};
+use tokio::time::Instant;
+
+use crate::{
+    config::Mode,
+    deadline::Deadline,
+    error::{Error, SourceError},
+    upstream::{Prepared, Source},
+};
+
+/// The outcome of one source.
+#[derive(Debug)]
+pub struct Outcome {
+    pub source: Arc<str>,
+    pub optional: bool,
+    pub result: Result<serde_json::Value, SourceError>,
+    pub elapsed: Duration,
+    /// Requests sent to the upstream.
+    pub attempts: u32,
+}
+
+/// A failed call, with the sources that had finished by then (for the log).
+#[derive(Debug)]
+pub struct Failure {
+    pub error: Error,
+    pub finished: Vec<Outcome>,
+}
+
+/// One source to call: the source, whether it is optional, its rendered request.
+pub type Dispatch<'a> = (&'a Source, bool, Prepared);
+
+/// Calls every source concurrently. Results come back in the order given.
+pub async fn run(
+    calls: Vec<Dispatch<'_>>,
+    mode: Mode,
+    deadline: Deadline,
+) -> Result<Vec<Outcome>, Failure> {
+    let started = Instant::now();
+    let mut slots: Vec<Option<Outcome>> = calls.iter().map(|_| None).collect();
+    let mut pending: FuturesUnordered<_> = calls
+        .into_iter()
+        .enumerate()
+        .map(|(i, (source, optional, prepared))| async move {
+            let t0 = Instant::now();
+            let result = source.call(prepared, deadline).await;
+            let attempts = match &result {
+                // Nothing was sent: the request could not be built.
+                Err(SourceError::Request { .. } | SourceError::Schema(_)) => 0,
+                _ => 1,
+            };
+            let outcome = Outcome {
+                source: source.name().clone(),
+                optional,
+                result,
+                elapsed: t0.elapsed(),
+                attempts,
+            };
+            (i, outcome)
+        })
+        .collect();
+
+    let collect = async {
+        while let Some((i, outcome)) = pending.next().await {
+            if let Err(error) = &outcome.result {
+                if mode == Mode::FailFast && !outcome.optional {
+                    return Err(Error::Source {
+                        source_name: outcome.source.clone(),
+                        error: error.clone(),
+                    });
+                }
+            }
+            slots[i] = Some(outcome);
+        }
+        Ok(())
+    };
+    let result = tokio::time::timeout_at(deadline.instant(), collect).await;
+    // Abort whatever is still in flight before answering.
+    drop(pending);
+    let error = match result {
+        Ok(Ok(())) => {
+            return Ok(slots
+                .into_iter()
+                .map(|s| s.expect("every source finished"))
+                .collect());
+        }
+        Ok(Err(error)) => error,
+        Err(_) => Error::DeadlineExceeded(started.elapsed()),
+    };
+    Err(Failure {
+        error,
+        finished: slots.into_iter().flatten().collect(),
+    })
+}

@@ -1,0 +1,224 @@
+//! The gateway's domain entry point: resolve an aggregation, check the
+//! caller's parameters, compute the deadline, fan out, and log the call.
+
+use std::{collections::HashMap, fmt, sync::Arc, time::Duration};
+
+use tokio::time::Instant;
+
+use crate::{
+    config::{Config, Mode},
+    deadline::Deadline,
+    error::Error,
+    fanout::{self, Outcome},
+    template::{Params, RenderError},
+    upstream::{Source, http},
+};
+
+/// Longest parameter value accepted; larger ones are refused, not forwarded.
+pub const MAX_PARAM_BYTES: usize = 8 * 1024;
+
+/// The sources and aggregations of a config, with live clients.
+pub struct Gateway {
+    aggregations: HashMap<Arc<str>, Aggregation>,
+}
+
+struct Aggregation {
+    name: Arc<str>,
+    members: Vec<(Arc<Source>, bool)>,
+    mode: Mode,
+    timeout: Duration,
+}
+
+/// One call, as the API layer hands it over.
+pub struct Call<'a> {
+    pub aggregation: &'a str,
+    pub params: &'a Params,
+    /// A subset of the aggregation's sources; empty means all.
+    pub sources: &'a [String],
+    /// Overrides the aggregation's configured mode.
+    pub mode: Option<Mode>,
+    /// The caller's deadline, if it sent one.
+    pub deadline: Option<Deadline>,
+}
+
+impl Gateway {
+    /// Builds one client per source (shared by every aggregation using it).
+    /// Must run inside a tokio runtime: gRPC channels spawn their workers.
+    pub fn new(config: &Config) -> Self {
+        let http = http::client();
+        let sources: HashMap<Arc<str>, Arc<Source>> = config
+            .sources
+            .iter()
+            .map(|spec| {
+                (
+                    spec.name.clone(),
+                    Arc::new(Source::new(spec.clone(), &http)),
+                )
+            })
+            .collect();
+        let aggregations = config
+            .aggregations
+            .iter()
+            .map(|a| {
+                let members = a
+                    .members
+                    .iter()
+                    .map(|(spec, optional)| (sources[&spec.name].clone(), *optional))
+                    .collect();
+                let agg = Aggregation {
+                    name: a.name.clone(),
+                    members,
+                    mode: a.mode,
+                    timeout: a.timeout,
+                };
+                (a.name.clone(), agg)
+            })
+            .collect();
+        Self { aggregations }
+    }
+
+    pub async fn call(&self, call: Call<'_>) -> Result<Vec<Outcome>, Error> {
+        let agg = self
+            .aggregations
+            .get(call.aggregation)
+            .ok_or_else(|| Error::UnknownAggregation(call.aggregation.to_owned()))?;
+        let selected = agg.select(call.sources)?;
+        let mut dispatch = Vec::with_capacity(selected.len());
+        for (source, optional) in &selected {
+            check_params(source, call.params)?;
+            dispatch.push((&**source, *optional, source.prepare(call.params)?));
+        }
+        let deadline = match call.deadline {
+            Some(d) => d.cap(agg.timeout),
+            None => Deadline::after(agg.timeout),
+        };
+        let mut log = CallLog::new(&agg.name, &selected);
+        let result = fanout::run(dispatch, call.mode.unwrap_or(agg.mode), deadline).await;
+        log.finish(&result);
+        result.map_err(|f| f.error)
+    }
+}
+
+impl Aggregation {
+    /// The requested subset in the aggregation's order; all when none is named.
+    fn select(&self, names: &[String]) -> Result<Vec<(Arc<Source>, bool)>, Error> {
+        if let Some(unknown) = names
+            .iter()
+            .find(|n| !self.members.iter().any(|(s, _)| &**s.name() == n.as_str()))
+        {
+            return Err(Error::UnknownSource {
+                aggregation: self.name.clone(),
+                source_name: unknown.clone(),
+            });
+        }
+        Ok(self
+            .members
+            .iter()
+            .filter(|(s, _)| names.is_empty() || names.iter().any(|n| n == &**s.name()))
+            .cloned()
+            .collect())
+    }
+}
+
+fn check_params(source: &Source, params: &Params) -> Result<(), RenderError> {
+    for name in &source.params {
+        let value = params
+            .get(&**name)
+            .ok_or_else(|| RenderError::Missing(name.clone()))?;
+        if value.len() > MAX_PARAM_BYTES {
+            return Err(RenderError::Invalid {
+                name: name.clone(),
+                reason: "is longer than 8192 bytes",
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Emits the one event per call; a call dropped before it finished (the
+/// caller cancelled or disconnected) is logged as cancelled.
+struct CallLog<'a> {
+    aggregation: &'a str,
+    sources: Vec<Arc<str>>,
+    started: Instant,
+    done: bool,
+}
+
+impl<'a> CallLog<'a> {
+    fn new(aggregation: &'a str, selected: &[(Arc<Source>, bool)]) -> Self {
+        Self {
+            aggregation,
+            sources: selected.iter().map(|(s, _)| s.name().clone()).collect(),
+            started: Instant::now(),
+            done: false,
+        }
+    }
+
+    fn finish(&mut self, result: &Result<Vec<Outcome>, fanout::Failure>) {
+        self.done = true;
+        let elapsed_ms = ms(self.started.elapsed());
+        match result {
+            Ok(outcomes) => {
+                let complete = outcomes.iter().all(|o| o.result.is_ok());
+                tracing::info!(
+                    aggregation = self.aggregation,
+                    outcome = if complete { "complete" } else { "partial" },
+                    elapsed_ms,
+                    sources = %Summary(&self.sources, outcomes),
+                    "aggregation completed"
+                );
+            }
+            Err(f) => tracing::warn!(
+                aggregation = self.aggregation,
+                outcome = "failed",
+                code = ?f.error.code(),
+                error = %f.error,
+                elapsed_ms,
+                sources = %Summary(&self.sources, &f.finished),
+                "aggregation failed"
+            ),
+        }
+    }
+}
+
+impl Drop for CallLog<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            tracing::info!(
+                aggregation = self.aggregation,
+                outcome = "cancelled",
+                elapsed_ms = ms(self.started.elapsed()),
+                "aggregation cancelled by the caller"
+            );
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// `profile=OK/3.1ms orders=UNAVAILABLE/0.4ms slow=cancelled`
+struct Summary<'a>(&'a [Arc<str>], &'a [Outcome]);
+
+impl fmt::Display for Summary<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, name) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            match self.1.iter().find(|o| &o.source == name) {
+                Some(o) => {
+                    let code = o
+                        .result
+                        .as_ref()
+                        .err()
+                        .map_or(tonic::Code::Ok, |e| e.code());
+                    write!(f, "{name}={code:?}/{:.1}ms", ms(o.elapsed))?;
+                }
+                None => write!(f, "{name}=cancelled")?,
+            }
+        }
+        Ok(())
+    }
+}

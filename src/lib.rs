@@ -1,0 +1,32 @@
+//! `aggregator`: a gRPC aggregation gateway. One call to
+//! `aggregator.v1.Aggregator` fans out to every gRPC and HTTP/JSON upstream
+//! of a named aggregation, concurrently and under the caller's deadline.
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML model and its validation into runtime specs;
+//!   templates are compiled there, once.
+//! - [`template`]: `{param}` placeholders and their context-aware escaping.
+//! - [`server`]: `run(listener, config, shutdown)`: the gRPC server with
+//!   health, reflection and graceful shutdown.
+//! - [`api`]: the `Aggregate` / `FetchAll` handlers, protobuf <-> domain.
+//! - [`gateway`]: resolves an aggregation, checks params, computes the deadline.
+//! - [`deadline`]: the deadline as a value, and `grpc-timeout` parsing.
+//! - [`fanout`]: concurrent dispatch; fail-fast vs best-effort.
+//! - [`upstream`]: one source's client: gRPC (dynamic messages, reflection) or HTTP.
+//! - [`error`]: typed errors and the one mapping to `tonic::Status`.
+//! - [`demo`]: the built-in demo upstreams.
+//! - [`pb`]: generated protobuf code.
+
+pub mod api;
+pub mod config;
+pub mod deadline;
+pub mod demo;
+pub mod error;
+pub mod fanout;
+pub mod gateway;
+pub mod pb;
+pub mod server;
+pub mod telemetry;
+pub mod template;
+pub mod upstream;

@@ -1,0 +1,167 @@
+//! The gRPC server: `Aggregator`, `grpc.health.v1` and server reflection
+//! (v1 and v1alpha) on one listener, with graceful shutdown.
+//!
+//! Connections are served by hyper directly rather than by tonic's transport
+//! server, whose built-in `grpc-timeout` handling answers an expired deadline
+//! with CANCELLED; here the deadline is stamped on arrival and enforced by the
+//! gateway, which answers DEADLINE_EXCEEDED.
+
+use std::{convert::Infallible, future::Future, sync::Arc, time::Duration};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::graceful::{GracefulConnection, GracefulShutdown},
+    service::TowerToHyperService,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{body::Body, service::Routes};
+use tonic_health::ServingStatus;
+
+use crate::{
+    api::AggregatorApi,
+    config::Config,
+    deadline::{Deadline, parse_grpc_timeout},
+    gateway::Gateway,
+    pb::{AGGREGATOR_DESCRIPTOR, aggregator::v1::aggregator_server::AggregatorServer},
+};
+
+/// The gRPC service name whose health the gateway reports.
+pub const SERVICE_NAME: &str = "aggregator.v1.Aggregator";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("building the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Serves the gateway on `listener` until `shutdown` completes, then reports
+/// NOT_SERVING, stops accepting and lets in-flight calls finish within the
+/// config's drain timeout.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let gateway = Arc::new(Gateway::new(&config));
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::Serving)
+        .await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(AGGREGATOR_DESCRIPTOR)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let routes = Routes::new(AggregatorServer::new(AggregatorApi::new(gateway)))
+        .add_service(health_service)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
+        .prepare();
+    let service = tower::ServiceBuilder::new()
+        .map_request(stamp_deadline)
+        .service(routes);
+
+    let announce_stop = async {
+        shutdown.await;
+        for name in ["", SERVICE_NAME] {
+            health
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
+        tracing::info!("shutting down: health is NOT_SERVING, draining in-flight calls");
+    };
+    serve_h2(listener, service, announce_stop, config.drain_timeout).await;
+    Ok(())
+}
+
+/// The edge of every call: the caller's `grpc-timeout` becomes a deadline
+/// measured from arrival. A malformed value is ignored, as gRPC servers do.
+fn stamp_deadline<B>(mut request: Request<B>) -> Request<B> {
+    if let Some(timeout) = request
+        .headers()
+        .get("grpc-timeout")
+        .and_then(|v| parse_grpc_timeout(v.as_bytes()))
+    {
+        request.extensions_mut().insert(Deadline::after(timeout));
+    }
+    request
+}
+
+/// Serves a tower service over HTTP/2 (gRPC) on every accepted connection.
+pub async fn serve_h2<S>(
+    listener: TcpListener,
+    service: S,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) where
+    S: tower::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new());
+    accept_loop(
+        listener,
+        move |stream| {
+            h2.serve_connection(
+                TokioIo::new(stream),
+                TowerToHyperService::new(service.clone()),
+            )
+        },
+        shutdown,
+        drain,
+    )
+    .await;
+}
+
+/// Accepts connections until `shutdown`, then closes the listener and waits
+/// up to `drain` for open connections to finish before aborting them.
+pub async fn accept_loop<C>(
+    listener: TcpListener,
+    mut serve: impl FnMut(TcpStream) -> C,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) where
+    C: GracefulConnection + Send + 'static,
+    C::Output: Send,
+{
+    let graceful = GracefulShutdown::new();
+    let abort = CancellationToken::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    let conn = graceful.watch(serve(stream));
+                    let abort = abort.clone();
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            _ = conn => {}
+                            () = abort.cancelled() => {}
+                        }
+                    });
+                }
+                Err(error) => {
+                    // Out of file descriptors, typically: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            },
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => tracing::debug!("all connections drained"),
+        () = tokio::time::sleep(drain) => {
+            tracing::warn!(?drain, "drain timeout elapsed; closing remaining connections");
+            abort.cancel();
+        }
+    }
+}

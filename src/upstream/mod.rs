@@ -1,0 +1,93 @@
+//! Upstream sources: how one source's request is rendered and sent.
+//!
+//! Rendering ([`Source::prepare`]) is separate from sending ([`Source::call`])
+//! so that every parameter is checked before any upstream is contacted.
+
+pub mod codec;
+pub mod grpc;
+pub mod http;
+pub mod schema;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+
+use crate::{
+    config::{SourceKind, SourceSpec},
+    deadline::Deadline,
+    error::SourceError,
+    template::{Params, RenderError},
+};
+
+/// A configured source with its live client.
+pub struct Source {
+    pub spec: Arc<SourceSpec>,
+    /// Placeholders its requests need.
+    pub params: Vec<Arc<str>>,
+    client: Client,
+}
+
+enum Client {
+    Grpc(grpc::GrpcUpstream),
+    Http(http::HttpClient),
+}
+
+/// A rendered request, ready to send.
+pub enum Prepared {
+    Grpc(serde_json::Value),
+    Http(Box<::http::Request<Full<Bytes>>>),
+}
+
+impl Source {
+    /// Builds the client; gRPC channels connect lazily, so a down upstream
+    /// does not stop the gateway from starting.
+    pub fn new(spec: Arc<SourceSpec>, http: &http::HttpClient) -> Self {
+        let client = match &spec.kind {
+            SourceKind::Grpc(g) => Client::Grpc(grpc::GrpcUpstream::new(spec.clone(), g)),
+            SourceKind::Http(_) => Client::Http(http.clone()),
+        };
+        Self {
+            params: spec.params(),
+            spec,
+            client,
+        }
+    }
+
+    pub fn name(&self) -> &Arc<str> {
+        &self.spec.name
+    }
+
+    pub fn prepare(&self, params: &Params) -> Result<Prepared, RenderError> {
+        Ok(match &self.spec.kind {
+            SourceKind::Grpc(g) => Prepared::Grpc(g.request.render(params)?),
+            SourceKind::Http(h) => Prepared::Http(Box::new(http::prepare(h, params)?)),
+        })
+    }
+
+    /// Sends the request; the source's own timeout, if shorter, bounds it
+    /// (dropping the future aborts the request on the wire).
+    pub async fn call(
+        &self,
+        prepared: Prepared,
+        deadline: Deadline,
+    ) -> Result<serde_json::Value, SourceError> {
+        let own = self.spec.timeout.filter(|t| *t < deadline.remaining());
+        let deadline = own.map_or(deadline, |t| deadline.cap(t));
+        let send = async {
+            match (&self.client, prepared) {
+                (Client::Grpc(g), Prepared::Grpc(json)) => g.call(json, deadline).await,
+                (Client::Http(c), Prepared::Http(req)) => {
+                    http::call(c, *req, self.spec.max_response_bytes).await
+                }
+                _ => unreachable!("prepared by the same source"),
+            }
+        };
+        match own {
+            None => send.await,
+            Some(t) => tokio::time::timeout_at(deadline.instant(), send)
+                .await
+                .unwrap_or(Err(SourceError::Timeout(t))),
+        }
+    }
+}

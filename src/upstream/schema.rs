@@ -1,0 +1,189 @@
+//! Message schemas of gRPC upstream methods: from descriptor files given in the
+//! config, or learned from the upstream's own server reflection (v1, falling
+//! back to v1alpha) on first use and cached.
+
+use std::collections::{HashMap, HashSet};
+
+use prost::Message;
+use prost_reflect::{DescriptorPool, Kind, MessageDescriptor};
+use prost_types::FileDescriptorProto;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, client::Grpc, codegen::http::uri::PathAndQuery, transport::Channel};
+use tonic_prost::ProstCodec;
+use tonic_reflection::pb::v1::{
+    ServerReflectionRequest, ServerReflectionResponse, server_reflection_request::MessageRequest,
+    server_reflection_response::MessageResponse,
+};
+
+use crate::{error::SourceError, template::JsonTemplate};
+
+/// Request and response types of one method.
+#[derive(Debug, Clone)]
+pub struct MethodSchema {
+    pub input: MessageDescriptor,
+    pub output: MessageDescriptor,
+}
+
+pub fn method_schema(
+    pool: &DescriptorPool,
+    service: &str,
+    method: &str,
+) -> Result<MethodSchema, String> {
+    let svc = pool
+        .get_service_by_name(service)
+        .ok_or_else(|| format!("service `{service}` is not in the descriptors"))?;
+    let m = svc
+        .methods()
+        .find(|m| m.name() == method)
+        .ok_or_else(|| format!("service `{service}` has no method `{method}`"))?;
+    if m.is_client_streaming() || m.is_server_streaming() {
+        return Err(format!(
+            "`{service}/{method}` is streaming; only unary methods can be aggregated"
+        ));
+    }
+    Ok(MethodSchema {
+        input: m.input(),
+        output: m.output(),
+    })
+}
+
+/// Checks that every key of the request template names a field of `message`,
+/// recursively, so a typo is reported when the schema is known, not per call.
+pub fn check_template(template: &JsonTemplate, message: &MessageDescriptor) -> Result<(), String> {
+    let fields = match template {
+        JsonTemplate::Literal(serde_json::Value::Object(map)) => map
+            .iter()
+            .map(|(k, v)| (k.as_str(), JsonTemplate::Literal(v.clone())))
+            .collect::<Vec<_>>(),
+        other => match other.keys() {
+            Some(keys) => keys.iter().map(|(k, v)| (k.as_str(), v.clone())).collect(),
+            None => return Ok(()),
+        },
+    };
+    for (key, value) in fields {
+        let field = message
+            .get_field_by_json_name(key)
+            .or_else(|| message.get_field_by_name(key))
+            .ok_or_else(|| {
+                format!(
+                    "request template: `{}` has no field `{key}`",
+                    message.full_name()
+                )
+            })?;
+        // Well-known types have their own JSON forms; only plain messages nest fields.
+        if let Kind::Message(inner) = field.kind() {
+            if !field.is_list()
+                && !field.is_map()
+                && !inner.full_name().starts_with("google.protobuf.")
+            {
+                check_template(&value, &inner)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+const REFLECTION_V1: &str = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+const REFLECTION_V1ALPHA: &str = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo";
+
+/// Asks the upstream's reflection service for the method's schema.
+pub async fn resolve(
+    channel: Channel,
+    service: &str,
+    method: &str,
+) -> Result<MethodSchema, SourceError> {
+    let files = match fetch_files(channel.clone(), REFLECTION_V1, service).await {
+        Err(SourceError::Grpc {
+            code: Code::Unimplemented,
+            ..
+        }) => fetch_files(channel, REFLECTION_V1ALPHA, service).await?,
+        other => other?,
+    };
+    let mut pool = DescriptorPool::new();
+    pool.add_file_descriptor_protos(files).map_err(|e| {
+        SourceError::Schema(format!("reflection returned invalid descriptors: {e}"))
+    })?;
+    method_schema(&pool, service, method).map_err(SourceError::Schema)
+}
+
+/// Fetches the file defining `symbol` and, transitively, the files it imports.
+/// v1 and v1alpha messages are identical on the wire, so one codec serves both.
+async fn fetch_files(
+    channel: Channel,
+    path: &'static str,
+    symbol: &str,
+) -> Result<Vec<FileDescriptorProto>, SourceError> {
+    let (tx, rx) = mpsc::channel(4);
+    let ask = |req: MessageRequest| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(req),
+    };
+    tx.try_send(ask(MessageRequest::FileContainingSymbol(symbol.to_owned())))
+        .expect("fresh channel has capacity");
+    let mut grpc = Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|e| SourceError::Connect(std::sync::Arc::from(e)))?;
+    let codec: ProstCodec<ServerReflectionRequest, ServerReflectionResponse> =
+        ProstCodec::default();
+    let mut responses = grpc
+        .streaming(
+            tonic::Request::new(ReceiverStream::new(rx)),
+            PathAndQuery::from_static(path),
+            codec,
+        )
+        .await
+        .map_err(grpc_error)?
+        .into_inner();
+
+    let mut files: HashMap<String, FileDescriptorProto> = HashMap::new();
+    let mut requested: HashSet<String> = HashSet::new();
+    let mut pending = 1usize;
+    while pending > 0 {
+        let response = responses
+            .message()
+            .await
+            .map_err(grpc_error)?
+            .ok_or_else(|| SourceError::Schema("reflection stream ended early".into()))?;
+        pending -= 1;
+        match response.message_response {
+            Some(MessageResponse::FileDescriptorResponse(fd)) => {
+                for bytes in fd.file_descriptor_proto {
+                    let file = FileDescriptorProto::decode(bytes.as_slice()).map_err(|e| {
+                        SourceError::Schema(format!("reflection returned an undecodable file: {e}"))
+                    })?;
+                    files.insert(file.name().to_owned(), file);
+                }
+            }
+            Some(MessageResponse::ErrorResponse(e)) => {
+                return Err(SourceError::Schema(format!(
+                    "reflection cannot describe `{symbol}`: {}",
+                    e.error_message
+                )));
+            }
+            _ => return Err(SourceError::Schema("unexpected reflection response".into())),
+        }
+        let missing: Vec<String> = files
+            .values()
+            .flat_map(|f| f.dependency.iter())
+            .filter(|d| !files.contains_key(*d) && !requested.contains(*d))
+            .cloned()
+            .collect();
+        for dep in missing {
+            requested.insert(dep.clone());
+            pending += 1;
+            tx.send(ask(MessageRequest::FileByFilename(dep)))
+                .await
+                .map_err(|_| SourceError::Schema("reflection stream closed".into()))?;
+        }
+    }
+    Ok(files.into_values().collect())
+}
+
+fn grpc_error(status: tonic::Status) -> SourceError {
+    SourceError::Grpc {
+        code: status.code(),
+        message: format!("reflection: {}", status.message()),
+    }
+}
