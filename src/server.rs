@@ -54,6 +54,8 @@ pub async fn run(
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(AGGREGATOR_DESCRIPTOR)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // So grpcurl and other reflection clients can decode error details.
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
     };
     let routes = Routes::new(AggregatorServer::new(AggregatorApi::new(gateway)))
         .add_service(health_service)

@@ -1,0 +1,455 @@
+//! Real servers for end-to-end tests, each on its own `127.0.0.1:0` port:
+//! configurable gRPC and HTTP upstreams that record what they saw (requests,
+//! `grpc-timeout`, cancellations), and a gateway started through
+//! `server::run` exactly as the binary does.
+
+#![allow(dead_code)]
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use aggregator::{
+    config::Config,
+    pb::{
+        DEMO_DESCRIPTOR,
+        aggregator::v1::aggregator_client::AggregatorClient,
+        demo::v1::{
+            GetProfileRequest, Profile,
+            profiles_server::{Profiles, ProfilesServer},
+        },
+    },
+    server::{accept_loop, serve_h2},
+};
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+    service::TowerToHyperService,
+};
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, service::Routes, transport::Channel};
+
+/// What an upstream saw. Cheap to clone; every clone observes the same counts.
+#[derive(Clone, Default)]
+pub struct Log {
+    stats: Arc<watch::Sender<Stats>>,
+    requests: Arc<Mutex<Vec<Seen>>>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Requests that reached the handler.
+    pub started: u32,
+    /// Requests whose handler ran to the end.
+    pub finished: u32,
+    /// Requests dropped before the handler finished (the client went away).
+    pub cancelled: u32,
+}
+
+/// One request as the upstream received it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    /// The HTTP path and query, or the gRPC `user_id`.
+    pub target: String,
+    pub headers: http::HeaderMap,
+}
+
+impl Log {
+    pub fn stats(&self) -> Stats {
+        *self.stats.borrow()
+    }
+
+    pub fn requests(&self) -> Vec<Seen> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    /// Waits until `cond` holds, at most `within`; returns whether it did.
+    pub async fn wait_for(&self, within: Duration, cond: impl FnMut(&Stats) -> bool) -> bool {
+        let mut rx = self.stats.subscribe();
+        tokio::time::timeout(within, rx.wait_for(cond))
+            .await
+            .is_ok()
+    }
+
+    fn start(&self, seen: Seen) -> InFlight {
+        self.requests.lock().unwrap().push(seen);
+        self.stats.send_modify(|s| s.started += 1);
+        InFlight {
+            log: self.clone(),
+            done: false,
+        }
+    }
+}
+
+/// Counts a handler as cancelled if it is dropped before `finish`.
+struct InFlight {
+    log: Log,
+    done: bool,
+}
+
+impl InFlight {
+    fn finish(mut self) {
+        self.done = true;
+        self.log.stats.send_modify(|s| s.finished += 1);
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if !self.done {
+            self.log.stats.send_modify(|s| s.cancelled += 1);
+        }
+    }
+}
+
+/// A running upstream; stops when dropped.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub log: Log,
+    stop: CancellationToken,
+}
+
+impl Running {
+    pub fn grpc_endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+pub struct Upstream;
+
+impl Upstream {
+    pub fn grpc() -> GrpcUpstream {
+        GrpcUpstream::default()
+    }
+
+    pub fn http() -> HttpUpstream {
+        HttpUpstream::default()
+    }
+}
+
+/// A `demo.v1.Profiles` upstream with reflection.
+#[derive(Clone, Default)]
+pub struct GrpcUpstream {
+    delay: Duration,
+    fail: Option<(Code, String)>,
+    no_reflection: bool,
+}
+
+impl GrpcUpstream {
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+
+    pub fn fail_with(mut self, code: Code, message: &str) -> Self {
+        self.fail = Some((code, message.to_owned()));
+        self
+    }
+
+    /// Serve without reflection (the gateway must be given descriptors).
+    pub fn without_reflection(mut self) -> Self {
+        self.no_reflection = true;
+        self
+    }
+
+    pub async fn start(self) -> Running {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let log = Log::default();
+        let stop = CancellationToken::new();
+        let no_reflection = self.no_reflection;
+        let mut routes = Routes::new(ProfilesServer::new(TestProfiles {
+            behaviour: self,
+            log: log.clone(),
+        }));
+        if !no_reflection {
+            let reflection = tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(DEMO_DESCRIPTOR)
+                .build_v1()
+                .unwrap();
+            routes = routes.add_service(reflection);
+        }
+        tokio::spawn(serve_h2(
+            listener,
+            routes.prepare(),
+            stop.clone().cancelled_owned(),
+            Duration::ZERO,
+        ));
+        Running { addr, log, stop }
+    }
+}
+
+struct TestProfiles {
+    behaviour: GrpcUpstream,
+    log: Log,
+}
+
+#[tonic::async_trait]
+impl Profiles for TestProfiles {
+    async fn get_profile(
+        &self,
+        request: tonic::Request<GetProfileRequest>,
+    ) -> Result<tonic::Response<Profile>, tonic::Status> {
+        let headers = request.metadata().clone().into_headers();
+        let user_id = request.into_inner().user_id;
+        let in_flight = self.log.start(Seen {
+            target: user_id.clone(),
+            headers,
+        });
+        tokio::time::sleep(self.behaviour.delay).await;
+        in_flight.finish();
+        if let Some((code, message)) = &self.behaviour.fail {
+            return Err(tonic::Status::new(*code, message.clone()));
+        }
+        Ok(tonic::Response::new(Profile {
+            name: format!("name-{user_id}"),
+            email: format!("{user_id}@example.com"),
+            user_id,
+        }))
+    }
+}
+
+/// An HTTP/1.1 + HTTP/2 upstream answering every request the same way.
+#[derive(Clone)]
+pub struct HttpUpstream {
+    delay: Duration,
+    status: StatusCode,
+    body: Bytes,
+    /// Never answer (the handler waits until the client goes away).
+    hang: bool,
+}
+
+impl Default for HttpUpstream {
+    fn default() -> Self {
+        Self {
+            delay: Duration::ZERO,
+            status: StatusCode::OK,
+            body: Bytes::from_static(br#"{"ok":true}"#),
+            hang: false,
+        }
+    }
+}
+
+impl HttpUpstream {
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+
+    pub fn status(mut self, status: u16) -> Self {
+        self.status = StatusCode::from_u16(status).unwrap();
+        self
+    }
+
+    pub fn body(mut self, body: impl Into<Bytes>) -> Self {
+        self.body = body.into();
+        self
+    }
+
+    pub fn json(self, value: serde_json::Value) -> Self {
+        self.body(value.to_string())
+    }
+
+    pub fn hang(mut self) -> Self {
+        self.hang = true;
+        self
+    }
+
+    pub async fn start(self) -> Running {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let log = Log::default();
+        let stop = CancellationToken::new();
+        let behaviour = Arc::new(self);
+        let handler_log = log.clone();
+        let service = TowerToHyperService::new(tower::service_fn(move |req: Request<Incoming>| {
+            let (behaviour, log) = (behaviour.clone(), handler_log.clone());
+            async move {
+                let in_flight = log.start(Seen {
+                    target: req
+                        .uri()
+                        .path_and_query()
+                        .map(|p| p.to_string())
+                        .unwrap_or_default(),
+                    headers: req.headers().clone(),
+                });
+                if behaviour.hang {
+                    std::future::pending::<()>().await;
+                }
+                tokio::time::sleep(behaviour.delay).await;
+                in_flight.finish();
+                let mut response = Response::new(Full::new(behaviour.body.clone()));
+                *response.status_mut() = behaviour.status;
+                Ok::<_, Infallible>(response)
+            }
+        }));
+        let server = auto::Builder::new(TokioExecutor::new());
+        tokio::spawn(accept_loop(
+            listener,
+            move |stream| {
+                server
+                    .serve_connection(TokioIo::new(stream), service.clone())
+                    .into_owned()
+            },
+            stop.clone().cancelled_owned(),
+            Duration::ZERO,
+        ));
+        Running { addr, log, stop }
+    }
+}
+
+/// A TCP server that accepts and writes `reply` (e.g. garbage, or nothing)
+/// then closes: for upstreams that reset or speak the wrong protocol.
+pub async fn raw_tcp(reply: &'static [u8]) -> Running {
+    use tokio::io::AsyncWriteExt;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                Ok((mut stream, _)) = listener.accept() => {
+                    let _ = stream.write_all(reply).await;
+                    drop(stream);
+                }
+                () = token.cancelled() => break,
+            }
+        }
+    });
+    Running {
+        addr,
+        log: Log::default(),
+        stop,
+    }
+}
+
+/// An address nothing listens on (bound, then released).
+pub async fn refused_addr() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// A gateway served by `server::run` on its own port; stops when dropped.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Gateway {
+    /// Parses `toml` (relative paths resolve from the crate root) and serves it.
+    pub async fn start(toml: &str) -> Self {
+        let config = Config::parse(toml, "test config", Path::new(env!("CARGO_MANIFEST_DIR")))
+            .unwrap_or_else(|e| panic!("{e}"));
+        Self::start_config(config).await
+    }
+
+    pub async fn start_config(config: Config) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(
+            aggregator::server::run(listener, config, stop.clone().cancelled_owned())
+                .map(|r| r.expect("server failed")),
+        );
+        Self {
+            addr,
+            stop,
+            task: Some(task),
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.endpoint())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    pub async fn client(&self) -> AggregatorClient<Channel> {
+        AggregatorClient::new(self.channel().await)
+    }
+
+    /// Signals shutdown and waits for `run` to return.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        self.task.take().unwrap().await.unwrap();
+    }
+
+    pub fn signal_stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+use futures_util::FutureExt;
+
+/// A request with a deadline, as a client sets it (`grpc-timeout`).
+pub fn with_timeout<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(timeout);
+    request
+}
+
+/// `[sources.NAME]` for a gRPC upstream answering `demo.v1.Profiles/GetProfile`.
+pub fn grpc_source(name: &str, upstream: &Running) -> String {
+    format!(
+        "[sources.{name}]\nkind = \"grpc\"\nendpoint = \"{}\"\nmethod = \"demo.v1.Profiles/GetProfile\"\nrequest = {{ user_id = \"{{user_id}}\" }}\n",
+        upstream.grpc_endpoint()
+    )
+}
+
+/// `[sources.NAME]` for an HTTP upstream at `path` (a URL template path).
+pub fn http_source(name: &str, upstream: &Running, path: &str) -> String {
+    format!(
+        "[sources.{name}]\nkind = \"http\"\nurl = \"{}\"\n",
+        upstream.url(path)
+    )
+}
+
+/// `[aggregations.NAME]` over `sources`, with extra TOML lines appended.
+pub fn aggregation(name: &str, sources: &[&str], extra: &str) -> String {
+    let list: Vec<String> = sources.iter().map(|s| format!("\"{s}\"")).collect();
+    format!(
+        "[aggregations.{name}]\nsources = [{}]\n{extra}\n",
+        list.join(", ")
+    )
+}
+
+/// Params from pairs.
+pub fn params(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
