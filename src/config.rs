@@ -85,43 +85,52 @@ fn default_aggregation_timeout() -> Duration {
     Duration::from_secs(10)
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
-enum SourceModel {
-    Grpc(GrpcModel),
-    Http(HttpModel),
-}
-
+/// One `[sources.NAME]` table. Flat rather than an enum tagged by `kind`:
+/// serde buffers tagged enums, and toml then loses the key and line of an
+/// error inside the table. Keys of the other kind are refused in validation.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct GrpcModel {
-    endpoint: String,
-    method: String,
-    #[serde(default)]
-    request: Option<toml::Table>,
+struct SourceModel {
+    kind: SourceKindModel,
     #[serde(default, with = "humantime_serde")]
     timeout: Option<Duration>,
     max_response_bytes: Option<usize>,
-    #[serde(default)]
-    protos: Vec<PathBuf>,
-    #[serde(default)]
-    import_paths: Vec<PathBuf>,
-    descriptor_set: Option<PathBuf>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct HttpModel {
-    url: String,
-    #[serde(default)]
+    /// gRPC: `package.Service/Method`; HTTP: the request method.
     method: Option<String>,
-    #[serde(default)]
-    headers: BTreeMap<String, String>,
-    #[serde(default)]
+    // gRPC only
+    endpoint: Option<String>,
+    request: Option<toml::Table>,
+    protos: Option<Vec<PathBuf>>,
+    import_paths: Option<Vec<PathBuf>>,
+    descriptor_set: Option<PathBuf>,
+    // HTTP only
+    url: Option<String>,
+    headers: Option<BTreeMap<String, String>>,
     body: Option<toml::Value>,
-    #[serde(default, with = "humantime_serde")]
-    timeout: Option<Duration>,
-    max_response_bytes: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum SourceKindModel {
+    Grpc,
+    Http,
+}
+
+impl SourceModel {
+    /// The first key set that belongs to the other kind of source.
+    fn foreign_key(&self) -> Option<&'static str> {
+        let set = |present: bool, key: &'static str| present.then_some(key);
+        match self.kind {
+            SourceKindModel::Grpc => set(self.url.is_some(), "url")
+                .or(set(self.headers.is_some(), "headers"))
+                .or(set(self.body.is_some(), "body")),
+            SourceKindModel::Http => set(self.endpoint.is_some(), "endpoint")
+                .or(set(self.request.is_some(), "request"))
+                .or(set(self.protos.is_some(), "protos"))
+                .or(set(self.import_paths.is_some(), "import_paths"))
+                .or(set(self.descriptor_set.is_some(), "descriptor_set")),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -301,27 +310,44 @@ impl Validator<'_> {
         self.name("sources", &name)?;
         let key = |field: &str| format!("sources.{name}.{field}");
         let template_err = |field: &str, e: TemplateError| self.err(key(field), e.to_string());
-        let (timeout, max_response_bytes, kind) = match model {
-            SourceModel::Grpc(g) => {
-                let endpoint: Uri = g
-                    .endpoint
-                    .parse()
-                    .ok()
-                    .filter(|u: &Uri| u.scheme_str() == Some("http") && u.authority().is_some())
-                    .ok_or_else(|| self.err(key("endpoint"), "expected an http://host:port URL"))?;
-                let (service, method) = g
-                    .method
+        if let Some(foreign) = model.foreign_key() {
+            let kind = match model.kind {
+                SourceKindModel::Grpc => "grpc",
+                SourceKindModel::Http => "http",
+            };
+            return Err(self.err(key(foreign), format!("not a key of {kind} sources")));
+        }
+        let required = |value: Option<String>, field: &str, expected: &str| {
+            value.ok_or_else(|| self.err(key(field), format!("missing; expected {expected}")))
+        };
+        let (timeout, max_response_bytes) = (model.timeout, model.max_response_bytes);
+        let kind = match model.kind {
+            SourceKindModel::Grpc => {
+                let endpoint: Uri =
+                    required(model.endpoint, "endpoint", "an http://host:port URL")?
+                        .parse()
+                        .ok()
+                        .filter(|u: &Uri| u.scheme_str() == Some("http") && u.authority().is_some())
+                        .ok_or_else(|| {
+                            self.err(key("endpoint"), "expected an http://host:port URL")
+                        })?;
+                let method = required(model.method, "method", "`package.Service/Method`")?;
+                let (service, method) = method
                     .split_once('/')
                     .filter(|(s, m)| s.contains('.') && !m.is_empty() && !m.contains('/'))
                     .ok_or_else(|| self.err(key("method"), "expected `package.Service/Method`"))?;
                 let path = PathAndQuery::try_from(format!("/{service}/{method}"))
                     .map_err(|e| self.err(key("method"), e.to_string()))?;
-                let request = toml_to_json(&toml::Value::Table(g.request.unwrap_or_default()))
+                let request = toml_to_json(&toml::Value::Table(model.request.unwrap_or_default()))
                     .map_err(|m| self.err(key("request"), m))?;
                 let request =
                     JsonTemplate::compile(&request).map_err(|e| template_err("request", e))?;
                 let schema = self
-                    .schema(&g.protos, &g.import_paths, g.descriptor_set.as_deref())
+                    .schema(
+                        &model.protos.unwrap_or_default(),
+                        &model.import_paths.unwrap_or_default(),
+                        model.descriptor_set.as_deref(),
+                    )
                     .map_err(|(field, m)| self.err(key(field), m))?
                     .map(|pool| {
                         let s = schema::method_schema(&pool, service, method)?;
@@ -330,19 +356,19 @@ impl Validator<'_> {
                     })
                     .transpose()
                     .map_err(|m: String| self.err(key("method"), m))?;
-                let spec = GrpcSpec {
+                SourceKind::Grpc(GrpcSpec {
                     endpoint,
                     service: service.to_owned(),
                     method: method.to_owned(),
                     path,
                     request,
                     schema,
-                };
-                (g.timeout, g.max_response_bytes, SourceKind::Grpc(spec))
+                })
             }
-            SourceModel::Http(h) => {
-                let url = UrlTemplate::parse(&h.url).map_err(|e| template_err("url", e))?;
-                let method = match h.method.as_deref().unwrap_or("GET") {
+            SourceKindModel::Http => {
+                let url = required(model.url, "url", "an http:// URL template")?;
+                let url = UrlTemplate::parse(&url).map_err(|e| template_err("url", e))?;
+                let method = match model.method.as_deref().unwrap_or("GET") {
                     m @ ("GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE") => {
                         Method::from_bytes(m.as_bytes()).expect("standard method")
                     }
@@ -353,8 +379,9 @@ impl Validator<'_> {
                         ));
                     }
                 };
-                let headers = h
+                let headers = model
                     .headers
+                    .unwrap_or_default()
                     .iter()
                     .map(|(k, v)| {
                         let hkey = key(&format!("headers.{k}"));
@@ -369,7 +396,7 @@ impl Validator<'_> {
                         Ok((name, value))
                     })
                     .collect::<Result<_, ConfigError>>()?;
-                let body = h
+                let body = model
                     .body
                     .map(|b| {
                         if method == Method::GET || method == Method::HEAD {
@@ -379,13 +406,12 @@ impl Validator<'_> {
                         JsonTemplate::compile(&json).map_err(|e| template_err("body", e))
                     })
                     .transpose()?;
-                let spec = HttpSpec {
+                SourceKind::Http(HttpSpec {
                     method,
                     url,
                     headers,
                     body,
-                };
-                (h.timeout, h.max_response_bytes, SourceKind::Http(spec))
+                })
             }
         };
         if timeout == Some(Duration::ZERO) {
@@ -429,8 +455,13 @@ impl Validator<'_> {
                 if includes.is_empty() {
                     includes.push(self.base_dir.to_path_buf());
                 }
+                // A proto is named relative to the config file or to an import path.
+                let protos: Vec<PathBuf> = protos
+                    .iter()
+                    .map(|p| Some(resolve(p)).filter(|r| r.exists()).unwrap_or(p.clone()))
+                    .collect();
                 let fds =
-                    protox::compile(protos, &includes).map_err(|e| ("protos", e.to_string()))?;
+                    protox::compile(&protos, &includes).map_err(|e| ("protos", e.to_string()))?;
                 prost_reflect::DescriptorPool::from_file_descriptor_set(fds)
                     .map(Some)
                     .map_err(|e| ("protos", e.to_string()))

@@ -27,6 +27,10 @@ impl Deadline {
         self.0
     }
 
+    pub fn is_expired(self) -> bool {
+        Instant::now() >= self.0
+    }
+
     /// Time left, zero once passed.
     pub fn remaining(self) -> Duration {
         self.0.saturating_duration_since(Instant::now())

@@ -1,6 +1,7 @@
 //! The built-in demo upstreams: a gRPC `demo.v1.Profiles` (with reflection)
 //! and an HTTP `GET /users/{user_id}/orders`, each answering after `delay`.
-//! User `0` does not exist, so error paths can be tried too.
+//! Error paths can be tried too: user `0` has no profile (gRPC NOT_FOUND) and
+//! user `7`'s orders are down (HTTP 503).
 
 use std::{convert::Infallible, future::Future, net::SocketAddr, path::Path, time::Duration};
 
@@ -122,18 +123,20 @@ async fn orders(
                 .into_owned()
         });
     let (status, body) = match user {
-        Some(user) if req.method() == http::Method::GET && user != "0" => {
-            let count = seed(&user) % 3 + 1;
+        // User 7's orders are "down", to show degradation and fail-fast.
+        Some(user) if req.method() == http::Method::GET && user == "7" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"error": "orders store unavailable"}),
+        ),
+        Some(user) if req.method() == http::Method::GET => {
+            // User 0 has no profile, and no orders.
+            let count = if user == "0" { 0 } else { seed(&user) % 3 + 1 };
             let orders: Vec<_> = (1..=count)
                 .map(|n| serde_json::json!({"id": format!("o-{n}"), "total_cents": 1250 * n}))
                 .collect();
             let body = serde_json::json!({"user_id": user, "orders": orders, "count": count});
             (StatusCode::OK, body)
         }
-        Some(_) if req.method() == http::Method::GET => (
-            StatusCode::NOT_FOUND,
-            serde_json::json!({"error": "no such user"}),
-        ),
         _ => (
             StatusCode::NOT_FOUND,
             serde_json::json!({"error": "not found"}),

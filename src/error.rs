@@ -71,6 +71,37 @@ pub enum SourceError {
 }
 
 impl SourceError {
+    /// A failed gRPC call. A status the upstream sent passes through; one
+    /// tonic made up from a local failure (it carries the cause as `source`)
+    /// is reported as what it is, not as tonic's CANCELLED or UNKNOWN.
+    pub fn from_status(status: Status) -> Self {
+        use std::error::Error as _;
+        let Some(cause) = status.source() else {
+            return Self::Grpc {
+                code: status.code(),
+                message: status.message().to_owned(),
+            };
+        };
+        let chain = std::iter::successors(Some(cause), next_cause);
+        let mut message = String::new();
+        for e in chain.clone() {
+            // The budget is filled in by the caller, who knows it.
+            if e.is::<tonic::TimeoutExpired>() {
+                return Self::Timeout(Duration::ZERO);
+            }
+            if !message.is_empty() {
+                message.push_str(": ");
+            }
+            message.push_str(&e.to_string());
+        }
+        let cause: Cause = Arc::from(Box::<dyn std::error::Error + Send + Sync>::from(message));
+        if chain.clone().any(|e| e.is::<tonic::ConnectError>()) {
+            Self::Connect(cause)
+        } else {
+            Self::Transport(cause)
+        }
+    }
+
     pub fn code(&self) -> Code {
         match self {
             Self::Grpc { code, .. } => *code,
@@ -83,6 +114,12 @@ impl SourceError {
             Self::Schema(_) => Code::FailedPrecondition,
         }
     }
+}
+
+fn next_cause<'a>(
+    e: &&'a (dyn std::error::Error + 'static),
+) -> Option<&'a (dyn std::error::Error + 'static)> {
+    (*e).source()
 }
 
 /// Maps an HTTP status the way google.rpc.Code documents it.

@@ -71,6 +71,11 @@ pub async fn run(
     let collect = async {
         while let Some((i, outcome)) = pending.next().await {
             if let Err(error) = &outcome.result {
+                // A source whose budget was this very deadline may report it
+                // a moment before our timer does: the call is what expired.
+                if deadline.is_expired() {
+                    return Err(Error::DeadlineExceeded(started.elapsed()));
+                }
                 if mode == Mode::FailFast && !outcome.optional {
                     return Err(Error::Source {
                         source_name: outcome.source.clone(),

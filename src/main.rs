@@ -15,7 +15,7 @@ struct Cli {
     #[arg(long)]
     config: Option<PathBuf>,
     /// Log output: human-readable text or one JSON object per line.
-    #[arg(long, value_enum, default_value_t)]
+    #[arg(long, value_enum, default_value_t, global = true)]
     log_format: telemetry::LogFormat,
     #[command(subcommand)]
     command: Option<Command>,

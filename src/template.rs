@@ -169,7 +169,10 @@ impl UrlTemplate {
             .ok_or_else(|| url_err("expected an http:// URL"))?;
         let authority_len = after_scheme.find(['/', '?']).unwrap_or(after_scheme.len());
         let authority = &after_scheme[..authority_len];
-        if authority.is_empty() || authority.contains(['{', '}', '@']) {
+        if authority.is_empty() {
+            return Err(url_err("expected a host after http://"));
+        }
+        if authority.contains(['{', '}', '@']) {
             return Err(url_err(
                 "the host must be literal (no placeholders or credentials)",
             ));

@@ -75,7 +75,8 @@ impl GrpcUpstream {
             }
         })?;
         let mut request = tonic::Request::new(message);
-        request.set_timeout(deadline.remaining());
+        let budget = deadline.remaining();
+        request.set_timeout(budget);
         let limit = self.spec.max_response_bytes;
         let mut grpc = Grpc::new(self.channel.clone()).max_decoding_message_size(limit);
         grpc.ready()
@@ -87,8 +88,20 @@ impl GrpcUpstream {
                 self.grpc().path.clone(),
                 DynamicCodec::new(schema.output.clone()),
             )
-            .await
-            .map_err(|status| status_error(status, limit))?;
+            .await;
+        let response = match response {
+            Ok(response) => response,
+            Err(status) => match status_error(status, limit) {
+                // The channel enforces the `grpc-timeout` it sends, from a
+                // duration rounded down on the wire: let the deadline itself
+                // pass so callers see it expired.
+                SourceError::Timeout(_) => {
+                    tokio::time::sleep_until(deadline.instant()).await;
+                    return Err(SourceError::Timeout(budget));
+                }
+                other => return Err(other),
+            },
+        };
         response
             .into_inner()
             .serialize_with_options(serde_json::value::Serializer, &json_options())
@@ -101,8 +114,5 @@ fn status_error(status: tonic::Status, limit: usize) -> SourceError {
     if status.code() == Code::OutOfRange && status.message().contains("message length too large") {
         return SourceError::TooLarge(limit);
     }
-    SourceError::Grpc {
-        code: status.code(),
-        message: status.message().to_owned(),
-    }
+    SourceError::from_status(status)
 }

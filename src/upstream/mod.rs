@@ -83,11 +83,17 @@ impl Source {
                 _ => unreachable!("prepared by the same source"),
             }
         };
-        match own {
+        let result = match own {
             None => send.await,
             Some(t) => tokio::time::timeout_at(deadline.instant(), send)
                 .await
                 .unwrap_or(Err(SourceError::Timeout(t))),
+        };
+        match (own, result) {
+            // A gRPC channel enforces the budget it forwards, so its failure
+            // may win the race against our timer: it is still this timeout.
+            (Some(t), Err(_)) if deadline.is_expired() => Err(SourceError::Timeout(t)),
+            (_, result) => result,
         }
     }
 }

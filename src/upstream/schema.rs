@@ -182,8 +182,11 @@ async fn fetch_files(
 }
 
 fn grpc_error(status: tonic::Status) -> SourceError {
-    SourceError::Grpc {
-        code: status.code(),
-        message: format!("reflection: {}", status.message()),
+    match SourceError::from_status(status) {
+        SourceError::Grpc { code, message } => SourceError::Grpc {
+            code,
+            message: format!("reflection: {message}"),
+        },
+        other => other,
     }
 }

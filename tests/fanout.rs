@@ -1,0 +1,619 @@
+mod support;
+
+use std::time::{Duration, Instant};
+
+use aggregator::pb::aggregator::v1::{
+    AggregateRequest, FetchAllRequest, Mode, aggregator_client::AggregatorClient,
+};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use prost_types::{Value, value::Kind};
+use support::*;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+fn dash(aggregation: &str) -> AggregateRequest {
+    AggregateRequest {
+        aggregation: aggregation.into(),
+        params: params(&[("user_id", "7")]),
+    }
+}
+
+fn fetch(aggregation: &str, sources: &[&str], mode: Mode) -> FetchAllRequest {
+    FetchAllRequest {
+        aggregation: aggregation.into(),
+        params: params(&[("user_id", "7")]),
+        sources: sources.iter().map(|s| s.to_string()).collect(),
+        mode: mode as i32,
+    }
+}
+
+fn config(parts: &[String]) -> String {
+    parts.concat()
+}
+
+/// A client that sends `grpc-timeout` but does not enforce it itself: tonic's
+/// `Channel` answers CANCELLED locally when the deadline passes, which would
+/// hide what the gateway answers.
+fn lenient_client(gateway: &Gateway) -> AggregatorClient<Client<HttpConnector, tonic::body::Body>> {
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    AggregatorClient::with_origin(client, gateway.endpoint().parse().unwrap())
+}
+
+/// Decodes a `grpc-timeout` value (at most 8 digits and a unit).
+fn grpc_timeout(value: &str) -> Duration {
+    let (digits, unit) = value.split_at(value.len() - 1);
+    assert!(
+        !digits.is_empty() && digits.len() <= 8,
+        "malformed grpc-timeout {value:?}"
+    );
+    let n: u64 = digits
+        .parse()
+        .unwrap_or_else(|_| panic!("malformed grpc-timeout {value:?}"));
+    match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => panic!("unknown grpc-timeout unit in {value:?}"),
+    }
+}
+
+fn seen_grpc_timeout(upstream: &Running) -> Duration {
+    let requests = upstream.log.requests();
+    let header = requests[0]
+        .headers
+        .get("grpc-timeout")
+        .expect("the upstream request carries grpc-timeout");
+    grpc_timeout(header.to_str().unwrap())
+}
+
+fn struct_field<'a>(value: &'a Value, field: &str) -> &'a Value {
+    match &value.kind {
+        Some(Kind::StructValue(s)) => s
+            .fields
+            .get(field)
+            .unwrap_or_else(|| panic!("no field {field:?} in {value:?}")),
+        other => panic!("expected a struct, got {other:?}"),
+    }
+}
+
+/// The common checks on a fail-fast error caused by one source.
+fn assert_source_failure(status: &tonic::Status, code: Code, source: &str) {
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(
+        status
+            .message()
+            .starts_with(&format!("source '{source}': ")),
+        "message does not name {source}: {:?}",
+        status.message()
+    );
+    let info = status
+        .get_details_error_info()
+        .expect("a google.rpc.ErrorInfo detail");
+    assert_eq!(
+        info.metadata.get("source").map(String::as_str),
+        Some(source)
+    );
+}
+
+#[tokio::test]
+async fn sources_run_in_parallel() {
+    let profile = Upstream::grpc()
+        .delay(Duration::from_millis(100))
+        .start()
+        .await;
+    let orders = Upstream::http()
+        .delay(Duration::from_millis(100))
+        .start()
+        .await;
+    let gateway = Gateway::start(&config(&[
+        grpc_source("profile", &profile),
+        http_source("orders", &orders, "/users/{user_id}/orders"),
+        aggregation("dash", &["profile", "orders"], ""),
+    ]))
+    .await;
+    let mut client = gateway.client().await;
+    // The first call also connects and learns the gRPC schema; measure the
+    // fan-out itself on the second.
+    client.aggregate(dash("dash")).await.unwrap();
+
+    let started = Instant::now();
+    let response = client.aggregate(dash("dash")).await.unwrap().into_inner();
+    let elapsed = started.elapsed();
+
+    assert!(response.complete);
+    assert!(
+        elapsed >= Duration::from_millis(100),
+        "faster than the upstreams: {elapsed:?}"
+    );
+    // Sequential calls would take 200 ms.
+    assert!(
+        elapsed < Duration::from_millis(180),
+        "not parallel: {elapsed:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_source_fails_the_call_at_the_callers_deadline_and_is_cancelled() {
+    let profile = Upstream::grpc().delay(Duration::from_secs(2)).start().await;
+    let orders = Upstream::http().start().await;
+    let gateway = Gateway::start(&config(&[
+        grpc_source("profile", &profile),
+        http_source("orders", &orders, "/users/{user_id}/orders"),
+        aggregation("dash", &["profile", "orders"], ""),
+    ]))
+    .await;
+    let mut client = lenient_client(&gateway);
+
+    let started = Instant::now();
+    let status = client
+        .aggregate(with_timeout(dash("dash"), Duration::from_secs(1)))
+        .await
+        .unwrap_err();
+    let elapsed = started.elapsed();
+
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        elapsed >= Duration::from_millis(950) && elapsed <= Duration::from_millis(1400),
+        "answered after {elapsed:?}, expected about 1 s"
+    );
+    assert!(
+        profile
+            .log
+            .wait_for(Duration::from_secs(1), |s| s.cancelled == 1)
+            .await,
+        "the slow upstream was not cancelled: {:?}",
+        profile.log.stats()
+    );
+}
+
+#[tokio::test]
+async fn the_aggregation_timeout_caps_a_call_without_a_deadline() {
+    let profile = Upstream::grpc().delay(Duration::from_secs(5)).start().await;
+    let gateway = Gateway::start(&config(&[
+        grpc_source("profile", &profile),
+        aggregation("dash", &["profile"], "timeout = \"300ms\""),
+    ]))
+    .await;
+    let mut client = gateway.client().await;
+
+    let started = Instant::now();
+    let status = client.aggregate(dash("dash")).await.unwrap_err();
+    let elapsed = started.elapsed();
+
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        elapsed >= Duration::from_millis(300) && elapsed < Duration::from_millis(700),
+        "answered after {elapsed:?}, expected about 300 ms"
+    );
+}
+
+#[tokio::test]
+async fn a_failing_source_cancels_a_slow_grpc_source() {
+    let profile = Upstream::grpc()
+        .delay(Duration::from_secs(10))
+        .start()
+        .await;
+    // A short delay so the slow request is surely in flight when this fails.
+    let orders = Upstream::http()
+        .status(503)
+        .delay(Duration::from_millis(50))
+        .start()
+        .await;
+    let gateway = Gateway::start(&config(&[
+        grpc_source("profile", &profile),
+        http_source("orders", &orders, "/users/{user_id}/orders"),
+        aggregation("dash", &["profile", "orders"], ""),
+    ]))
+    .await;
+    let mut client = gateway.client().await;
+
+    let started = Instant::now();
+    let status = client.aggregate(dash("dash")).await.unwrap_err();
+    let elapsed = started.elapsed();
+
+    assert!(
+        elapsed < Duration::from_millis(300),
+        "the error waited for the slow source: {elapsed:?}"
+    );
+    assert_source_failure(&status, Code::Unavailable, "orders");
+    assert_eq!(
+        profile.log.stats().started,
+        1,
+        "the slow request never left"
+    );
+    assert!(
+        profile
+            .log
+            .wait_for(Duration::from_millis(500), |s| s.cancelled == 1)
+            .await,
+        "the slow gRPC upstream was not cancelled: {:?}",
+        profile.log.stats()
+    );
+}
+
+#[tokio::test]
+async fn a_failing_source_cancels_a_slow_http_source() {
+    // A short delay so the slow request is surely in flight when this fails.
+    let profile = Upstream::grpc()
+        .fail_with(Code::NotFound, "no such user")
+        .delay(Duration::from_millis(50))
+        .start()
+        .await;
+    let orders = Upstream::http()
+        .delay(Duration::from_secs(10))
+        .start()
+        .await;
+    let gateway = Gateway::start(&config(&[
+        grpc_source("profile", &profile),
+        http_source("orders", &orders, "/users/{user_id}/orders"),
+        aggregation("dash", &["profile", "orders"], ""),
+    ]))
+    .await;
+    let mut client = gateway.client().await;
+
+    let started = Instant::now();
+    let status = client.aggregate(dash("dash")).await.unwrap_err();
+    let elapsed = started.elapsed();
+
+    assert!(
+        elapsed < Duration::from_millis(300),
+        "the error waited for the slow source: {elapsed:?}"
+    );
+    assert_source_failure(&status, Code::NotFound, "profile");
+    assert!(status.message().contains("no such user"), "{status:?}");
+    assert_eq!(orders.log.stats().started, 1, "the slow request never left");
+    assert!(
+        orders
+            .log
+            .wait_for(Duration::from_millis(500), |s| s.cancelled == 1)
+            .await,
+        "the slow HTTP upstream was not cancelled: {:?}",
+        orders.log.stats()
+    );
+}
+
+#[tokio::test]
+async fn the_first_failure_wins() {
+    let missing = Upstream::grpc()
+        .delay(Duration::from_millis(20))
+        .fail_with(Code::NotFound, "no such user")
+        .start()
+        .await;
+    let denied = Upstream::grpc()
+        .delay(Duration::from_millis(200))
+        .fail_with(Code::PermissionDenied, "go away")
+        .start()
+        .await;
+    let gateway = Gateway::start(&config(&[
+        grpc_source("denied", &denied),
+        grpc_source("missing", &missing),
+        // The later failure is listed first: order must not decide.
+        aggregation("dash", &["denied", "missing"], ""),
+    ]))
+    .await;
+
+    let status = gateway
+        .client()
+        .await
+        .aggregate(dash("dash"))
+        .await
+        .unwrap_err();
+
+    assert_source_failure(&status, Code::NotFound, "missing");
+}
+
+#[tokio::test]
+async fn the_callers_deadline_travels_to_grpc_upstreams() {
+    let profile = Upstream::grpc().start().await;
+    let gateway = Gateway::start(&config(&[
+        grpc_source("profile", &profile),
+        aggregation("dash", &["profile"], ""),
+    ]))
+    .await;
+
+    gateway
+        .client()
+        .await
+        .aggregate(with_timeout(dash("dash"), Duration::from_secs(2)))
+        .await
+        .unwrap();
+
+    let seen = seen_grpc_timeout(&profile);
+    assert!(
+        seen > Duration::from_millis(1500) && seen <= Duration::from_secs(2),
+        "upstream saw grpc-timeout {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_source_timeout_shortens_the_propagated_deadline() {
+    let profile = Upstream::grpc().start().await;
+    let gateway = Gateway::start(&config(&[
+        grpc_source("profile", &profile),
+        "timeout = \"400ms\"\n".to_owned(),
+        aggregation("dash", &["profile"], "timeout = \"3s\""),
+    ]))
+    .await;
+
+    gateway
+        .client()
+        .await
+        .aggregate(dash("dash"))
+        .await
+        .unwrap();
+
+    let seen = seen_grpc_timeout(&profile);
+    assert!(
+        seen > Duration::from_millis(200) && seen <= Duration::from_millis(400),
+        "upstream saw grpc-timeout {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_caller_that_goes_away_cancels_every_upstream() {
+    let profile = Upstream::grpc()
+        .delay(Duration::from_secs(10))
+        .start()
+        .await;
+    let orders = Upstream::http()
+        .delay(Duration::from_secs(10))
+        .start()
+        .await;
+    let gateway = Gateway::start(&config(&[
+        grpc_source("profile", &profile),
+        http_source("orders", &orders, "/users/{user_id}/orders"),
+        aggregation("dash", &["profile", "orders"], ""),
+    ]))
+    .await;
+    let mut client = gateway.client().await;
+
+    let call = tokio::time::timeout(Duration::from_millis(200), client.aggregate(dash("dash")));
+    assert!(call.await.is_err(), "the call should still be running");
+    let gone = Instant::now();
+
+    let (profile_cancelled, orders_cancelled) = tokio::join!(
+        profile
+            .log
+            .wait_for(Duration::from_secs(1), |s| s.cancelled == 1),
+        orders
+            .log
+            .wait_for(Duration::from_secs(1), |s| s.cancelled == 1),
+    );
+    assert!(
+        profile_cancelled,
+        "gRPC upstream not cancelled: {:?}",
+        profile.log.stats()
+    );
+    assert!(
+        orders_cancelled,
+        "HTTP upstream not cancelled: {:?}",
+        orders.log.stats()
+    );
+    assert!(gone.elapsed() < Duration::from_secs(1));
+}
+
+#[tokio::test]
+async fn an_optional_source_failure_degrades_the_answer() {
+    let profile = Upstream::grpc().start().await;
+    let orders = Upstream::http().status(500).start().await;
+    let gateway = Gateway::start(&config(&[
+        grpc_source("profile", &profile),
+        http_source("orders", &orders, "/users/{user_id}/orders"),
+        aggregation("dash", &["profile", "orders"], "optional = [\"orders\"]"),
+    ]))
+    .await;
+
+    let response = gateway
+        .client()
+        .await
+        .aggregate(dash("dash"))
+        .await
+        .unwrap()
+        .into_inner();
+
+    assert!(!response.complete);
+    let data = response.data.unwrap();
+    assert!(data.fields.contains_key("profile"));
+    assert!(!data.fields.contains_key("orders"));
+    let codes: Vec<(&str, i32)> = response
+        .sources
+        .iter()
+        .map(|s| (s.source.as_str(), s.code))
+        .collect();
+    assert_eq!(codes, [("profile", 0), ("orders", Code::Internal as i32)]);
+    assert!(!response.sources[1].message.is_empty());
+    assert!(response.sources[0].message.is_empty());
+}
+
+#[tokio::test]
+async fn best_effort_reports_failures_per_source_and_the_request_mode_overrides() {
+    let profile = Upstream::grpc().start().await;
+    let orders = Upstream::http().status(503).start().await;
+    let gateway = Gateway::start(&config(&[
+        grpc_source("profile", &profile),
+        http_source("orders", &orders, "/users/{user_id}/orders"),
+        aggregation("lenient", &["profile", "orders"], "mode = \"best_effort\""),
+        aggregation("strict", &["profile", "orders"], ""),
+    ]))
+    .await;
+    let mut client = gateway.client().await;
+    let unavailable = Code::Unavailable as i32;
+
+    let response = client
+        .aggregate(dash("lenient"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!response.complete);
+    let codes: Vec<(&str, i32)> = response
+        .sources
+        .iter()
+        .map(|s| (s.source.as_str(), s.code))
+        .collect();
+    assert_eq!(codes, [("profile", 0), ("orders", unavailable)]);
+    assert!(response.data.unwrap().fields.contains_key("profile"));
+
+    let response = client
+        .fetch_all(fetch("strict", &[], Mode::BestEffort))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!response.complete);
+    let codes: Vec<(&str, i32)> = response
+        .results
+        .iter()
+        .map(|s| (s.source.as_str(), s.code))
+        .collect();
+    assert_eq!(codes, [("profile", 0), ("orders", unavailable)]);
+    assert!(response.results[0].data.is_some());
+    assert!(response.results[1].data.is_none());
+
+    let status = client
+        .fetch_all(fetch("lenient", &[], Mode::FailFast))
+        .await
+        .unwrap_err();
+    assert_source_failure(&status, Code::Unavailable, "orders");
+}
+
+#[tokio::test]
+async fn fetch_all_answers_in_aggregation_order() {
+    // The first source answers last.
+    let profile = Upstream::grpc()
+        .delay(Duration::from_millis(150))
+        .start()
+        .await;
+    let orders = Upstream::http()
+        .json(serde_json::json!({"count": 2}))
+        .start()
+        .await;
+    let gateway = Gateway::start(&config(&[
+        grpc_source("profile", &profile),
+        http_source("orders", &orders, "/users/{user_id}/orders"),
+        aggregation("dash", &["profile", "orders"], ""),
+    ]))
+    .await;
+
+    let response = gateway
+        .client()
+        .await
+        .fetch_all(fetch("dash", &[], Mode::Unspecified))
+        .await
+        .unwrap()
+        .into_inner();
+
+    assert!(response.complete);
+    let names: Vec<&str> = response.results.iter().map(|r| r.source.as_str()).collect();
+    assert_eq!(names, ["profile", "orders"]);
+    let elapsed = |i: usize| {
+        Duration::try_from(response.results[i].elapsed.unwrap()).expect("a positive duration")
+    };
+    assert!(elapsed(0) > elapsed(1), "profile did not finish last");
+    let profile_data = response.results[0].data.as_ref().expect("profile data");
+    assert_eq!(
+        struct_field(profile_data, "user_id").kind,
+        Some(Kind::StringValue("7".into()))
+    );
+    let orders_data = response.results[1].data.as_ref().expect("orders data");
+    assert_eq!(
+        struct_field(orders_data, "count").kind,
+        Some(Kind::NumberValue(2.0))
+    );
+}
+
+#[tokio::test]
+async fn fetch_all_calls_only_the_requested_sources_in_aggregation_order() {
+    let profile = Upstream::grpc().start().await;
+    let orders = Upstream::http().start().await;
+    let extra = Upstream::http().start().await;
+    let gateway = Gateway::start(&config(&[
+        grpc_source("profile", &profile),
+        http_source("orders", &orders, "/users/{user_id}/orders"),
+        http_source("extra", &extra, "/extra/{user_id}"),
+        aggregation("dash", &["profile", "orders", "extra"], ""),
+    ]))
+    .await;
+    let mut client = gateway.client().await;
+
+    let response = client
+        .fetch_all(fetch("dash", &["orders"], Mode::Unspecified))
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<&str> = response.results.iter().map(|r| r.source.as_str()).collect();
+    assert_eq!(names, ["orders"]);
+    assert_eq!(profile.log.stats().started, 0);
+    assert_eq!(extra.log.stats().started, 0);
+
+    let response = client
+        .fetch_all(fetch("dash", &["extra", "profile"], Mode::Unspecified))
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<&str> = response.results.iter().map(|r| r.source.as_str()).collect();
+    assert_eq!(names, ["profile", "extra"]);
+    assert_eq!(orders.log.stats().started, 1);
+}
+
+#[tokio::test]
+async fn the_gateway_keeps_serving_after_failures() {
+    let profile = Upstream::grpc().start().await;
+    let slow = Upstream::http().delay(Duration::from_secs(5)).start().await;
+    let broken = Upstream::http().status(503).start().await;
+    let orders = Upstream::http().start().await;
+    // Every aggregation shares the gRPC source, so its channel is reused
+    // after the failed calls.
+    let gateway = Gateway::start(&config(&[
+        grpc_source("profile", &profile),
+        http_source("slow", &slow, "/slow/{user_id}"),
+        http_source("broken", &broken, "/broken/{user_id}"),
+        http_source("orders", &orders, "/users/{user_id}/orders"),
+        aggregation("late", &["profile", "slow"], "timeout = \"200ms\""),
+        aggregation("failing", &["profile", "broken"], ""),
+        aggregation("dash", &["profile", "orders"], ""),
+    ]))
+    .await;
+    let mut client = gateway.client().await;
+
+    let status = client.aggregate(dash("late")).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    let status = client.aggregate(dash("failing")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+    let response = client.aggregate(dash("dash")).await.unwrap().into_inner();
+    assert!(response.complete);
+    let data = response.data.unwrap();
+    assert!(data.fields.contains_key("profile"));
+    assert!(data.fields.contains_key("orders"));
+}
+
+#[tokio::test]
+async fn a_source_timeout_fails_the_call_naming_the_source() {
+    let profile = Upstream::grpc().start().await;
+    let stuck = Upstream::http().hang().start().await;
+    let gateway = Gateway::start(&config(&[
+        grpc_source("profile", &profile),
+        http_source("stuck", &stuck, "/stuck/{user_id}"),
+        "timeout = \"150ms\"\n".to_owned(),
+        aggregation("dash", &["profile", "stuck"], "timeout = \"5s\""),
+    ]))
+    .await;
+    let mut client = gateway.client().await;
+
+    let started = Instant::now();
+    let status = client.aggregate(dash("dash")).await.unwrap_err();
+    let elapsed = started.elapsed();
+
+    assert_source_failure(&status, Code::DeadlineExceeded, "stuck");
+    assert!(
+        elapsed >= Duration::from_millis(150) && elapsed < Duration::from_millis(400),
+        "answered after {elapsed:?}, expected about 150 ms"
+    );
+}
