@@ -57,6 +57,8 @@ enum Call {
 struct Totals {
     latency: Option<Histogram<u64>>,
     codes: BTreeMap<String, u64>,
+    /// The first message seen for each non-OK code, to tell why a run failed.
+    samples: BTreeMap<String, String>,
 }
 
 #[tokio::main]
@@ -80,6 +82,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "requests": requests,
         "ok": totals.codes.get("Ok").copied().unwrap_or(0),
         "codes": totals.codes,
+        "samples": totals.samples,
         "rps": requests as f64 / elapsed,
         "p50_us": us(0.50),
         "p90_us": us(0.90),
@@ -113,8 +116,8 @@ async fn run_phase(
                 let mut local = Local::default();
                 while Instant::now() < end {
                     let t0 = Instant::now();
-                    let code = one_call(&args, channel.clone()).await;
-                    local.record(t0, code);
+                    let result = one_call(&args, channel.clone()).await;
+                    local.record(t0, result);
                 }
                 local.merge(totals.as_deref());
             });
@@ -127,7 +130,9 @@ async fn run_phase(
         let mut next = Instant::now();
         let mut i = 0usize;
         while next < end {
-            tokio::time::sleep_until(next).await;
+            // tokio's timer has millisecond granularity, which would release
+            // calls in bursts; async-io's is precise to tens of microseconds.
+            async_io::Timer::at(next.into_std()).await;
             let permit = limit.clone().acquire_owned().await.expect("open semaphore");
             let (args, channel, totals) = (
                 args.clone(),
@@ -136,9 +141,9 @@ async fn run_phase(
             );
             let scheduled = next;
             workers.spawn(async move {
-                let code = one_call(&args, channel).await;
+                let result = one_call(&args, channel).await;
                 let mut local = Local::default();
-                local.record(scheduled, code);
+                local.record(scheduled, result);
                 local.merge(totals.as_deref());
                 drop(permit);
             });
@@ -155,14 +160,25 @@ async fn run_phase(
 struct Local {
     latency: Option<Histogram<u64>>,
     codes: BTreeMap<String, u64>,
+    samples: BTreeMap<String, String>,
 }
 
 impl Local {
-    fn record(&mut self, since: Instant, code: tonic::Code) {
+    fn record(&mut self, since: Instant, result: Result<(), tonic::Status>) {
         let ns = since.elapsed().as_nanos() as u64;
         self.latency
             .get_or_insert_with(new_hist)
             .saturating_record(ns.max(1_000));
+        let code = match result {
+            Ok(()) => tonic::Code::Ok,
+            Err(status) => {
+                let code = status.code();
+                self.samples
+                    .entry(format!("{code:?}"))
+                    .or_insert_with(|| status.message().to_owned());
+                code
+            }
+        };
         *self.codes.entry(format!("{code:?}")).or_default() += 1;
     }
 
@@ -178,11 +194,14 @@ impl Local {
         for (code, n) in self.codes {
             *t.codes.entry(code).or_default() += n;
         }
+        for (code, message) in self.samples {
+            t.samples.entry(code).or_insert(message);
+        }
     }
 }
 
-async fn one_call(args: &Args, channel: Channel) -> tonic::Code {
-    let result = match args.call {
+async fn one_call(args: &Args, channel: Channel) -> Result<(), tonic::Status> {
+    match args.call {
         Call::Aggregate => {
             let mut request = tonic::Request::new(AggregateRequest {
                 aggregation: args.aggregation.clone(),
@@ -204,9 +223,5 @@ async fn one_call(args: &Args, channel: Channel) -> tonic::Code {
                 .await
                 .map(|_| ())
         }
-    };
-    match result {
-        Ok(()) => tonic::Code::Ok,
-        Err(status) => status.code(),
     }
 }

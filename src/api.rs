@@ -50,23 +50,7 @@ impl pb::aggregator_server::Aggregator for AggregatorApi {
             })
             .await
             .map_err(|e| e.to_status())?;
-        let mut data = Struct::default();
-        let mut sources = Vec::with_capacity(outcomes.len());
-        let mut complete = true;
-        for outcome in outcomes {
-            let (mut result, value) = source_result(outcome);
-            complete &= result.code == 0;
-            if let Some(value) = value {
-                data.fields.insert(result.source.clone(), value);
-            }
-            result.data = None;
-            sources.push(result);
-        }
-        Ok(Response::new(AggregateResponse {
-            data: Some(data),
-            complete,
-            sources,
-        }))
+        Ok(Response::new(merge(outcomes)))
     }
 
     async fn fetch_all(
@@ -109,6 +93,27 @@ impl pb::aggregator_server::Aggregator for AggregatorApi {
             complete: results.iter().all(|r| r.code == 0),
             results,
         }))
+    }
+}
+
+/// The Aggregate answer: each successful source's data under its name, and
+/// every source's result without data.
+pub fn merge(outcomes: Vec<Outcome>) -> AggregateResponse {
+    let mut data = Struct::default();
+    let mut sources = Vec::with_capacity(outcomes.len());
+    let mut complete = true;
+    for outcome in outcomes {
+        let (result, value) = source_result(outcome);
+        complete &= result.code == 0;
+        if let Some(value) = value {
+            data.fields.insert(result.source.clone(), value);
+        }
+        sources.push(result);
+    }
+    AggregateResponse {
+        data: Some(data),
+        complete,
+        sources,
     }
 }
 

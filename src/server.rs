@@ -6,8 +6,15 @@
 //! with CANCELLED; here the deadline is stamped on arrival and enforced by the
 //! gateway, which answers DEADLINE_EXCEEDED.
 
-use std::{convert::Infallible, future::Future, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    future::Future,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
+use futures_util::future::Either;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::{
@@ -57,14 +64,16 @@ pub async fn run(
             // So grpcurl and other reflection clients can decode error details.
             .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
     };
-    let routes = Routes::new(AggregatorServer::new(AggregatorApi::new(gateway)))
-        .add_service(health_service)
+    let others = Routes::new(health_service)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
         .prepare();
     let service = tower::ServiceBuilder::new()
         .map_request(stamp_deadline)
-        .service(routes);
+        .service(Services {
+            aggregator: AggregatorServer::new(AggregatorApi::new(gateway)),
+            others,
+        });
 
     let announce_stop = async {
         shutdown.await;
@@ -75,8 +84,48 @@ pub async fn run(
         }
         tracing::info!("shutting down: health is NOT_SERVING, draining in-flight calls");
     };
-    serve_h2(listener, service, announce_stop, config.drain_timeout).await;
+    serve_h2(
+        listener,
+        service,
+        H2Limits::default(),
+        announce_stop,
+        config.drain_timeout,
+    )
+    .await;
     Ok(())
+}
+
+/// Sends the hot service's calls straight to it and the rest (health,
+/// reflection) through tonic's router, which boxes each call's future once
+/// more and matches the path against a route table.
+#[derive(Clone)]
+struct Services {
+    aggregator: AggregatorServer<AggregatorApi>,
+    others: Routes,
+}
+
+const AGGREGATOR_PREFIX: &str = "/aggregator.v1.Aggregator/";
+
+impl tower::Service<Request<Incoming>> for Services {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Either<
+        <AggregatorServer<AggregatorApi> as tower::Service<Request<Incoming>>>::Future,
+        <Routes as tower::Service<Request<Incoming>>>::Future,
+    >;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // Both are always ready: tonic services hold no capacity.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+        if request.uri().path().starts_with(AGGREGATOR_PREFIX) {
+            Either::Left(self.aggregator.call(request))
+        } else {
+            Either::Right(self.others.call(request))
+        }
+    }
 }
 
 /// The edge of every call: the caller's `grpc-timeout` becomes a deadline
@@ -92,10 +141,23 @@ fn stamp_deadline<B>(mut request: Request<B>) -> Request<B> {
     request
 }
 
+/// HTTP/2 server settings that differ between the gateway and a server that
+/// takes one connection carrying thousands of calls (the demo upstreams).
+/// `None` keeps hyper's default (200 streams per connection, 1 MiB window).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct H2Limits {
+    pub max_concurrent_streams: Option<u32>,
+    /// Also sizes h2's budget of small DATA frames not yet read (half the
+    /// window): a burst of more unread small frames than that is answered
+    /// with GOAWAY(ENHANCE_YOUR_CALM).
+    pub connection_window: Option<u32>,
+}
+
 /// Serves a tower service over HTTP/2 (gRPC) on every accepted connection.
 pub async fn serve_h2<S>(
     listener: TcpListener,
     service: S,
+    limits: H2Limits,
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) where
@@ -107,6 +169,12 @@ pub async fn serve_h2<S>(
 {
     let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new());
+    if let Some(max) = limits.max_concurrent_streams {
+        h2.max_concurrent_streams(max);
+    }
+    if let Some(window) = limits.connection_window {
+        h2.initial_connection_window_size(window);
+    }
     accept_loop(
         listener,
         move |stream| {
@@ -131,6 +199,7 @@ pub async fn accept_loop<C>(
 ) where
     C: GracefulConnection + Send + 'static,
     C::Output: Send,
+    C::Error: std::fmt::Debug,
 {
     let graceful = GracefulShutdown::new();
     let abort = CancellationToken::new();
@@ -144,7 +213,11 @@ pub async fn accept_loop<C>(
                     let abort = abort.clone();
                     tokio::spawn(async move {
                         tokio::select! {
-                            _ = conn => {}
+                            result = conn => {
+                                if let Err(error) = result {
+                                    tracing::debug!(?error, "connection closed with an error");
+                                }
+                            }
                             () = abort.cancelled() => {}
                         }
                     });

@@ -4,8 +4,15 @@ use prost::Message;
 use prost_reflect::{DynamicMessage, MessageDescriptor};
 use tonic::{
     Status,
-    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
+    codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
 };
+
+/// tonic's default is an 8 KiB buffer per call in each direction, held for
+/// as long as the call is in flight; typical upstream messages are far
+/// smaller, and the buffer still grows for a large one.
+fn buffers() -> BufferSettings {
+    BufferSettings::new(512, 32 * 1024)
+}
 
 #[derive(Debug, Clone)]
 pub struct DynamicCodec {
@@ -44,6 +51,10 @@ impl Encoder for DynamicEncoder {
         item.encode(dst)
             .map_err(|e| Status::internal(format!("encoding request: {e}")))
     }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        buffers()
+    }
 }
 
 #[derive(Debug)]
@@ -62,5 +73,9 @@ impl Decoder for DynamicDecoder {
                     self.0.full_name()
                 ))
             })
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        buffers()
     }
 }

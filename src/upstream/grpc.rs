@@ -23,7 +23,7 @@ pub struct GrpcUpstream {
 
 /// Protobuf JSON with the field names of the .proto, and every field present,
 /// so merged documents look the same whatever the values.
-fn json_options() -> SerializeOptions {
+pub fn json_options() -> SerializeOptions {
     SerializeOptions::new()
         .use_proto_field_name(true)
         .skip_default_fields(false)
@@ -53,11 +53,16 @@ impl GrpcUpstream {
     /// failure, so an upstream that was down at first use is asked again.
     async fn schema(&self) -> Result<&schema::MethodSchema, SourceError> {
         let grpc = self.grpc();
+        // Boxed: the reflection exchange is a large future needed once, and
+        // inline it would weigh on every call in flight.
         self.schema
-            .get_or_try_init(|| async {
-                let s = schema::resolve(self.channel.clone(), &grpc.service, &grpc.method).await?;
-                schema::check_template(&grpc.request, &s.input).map_err(SourceError::Schema)?;
-                Ok(s)
+            .get_or_try_init(|| {
+                Box::pin(async {
+                    let s =
+                        schema::resolve(self.channel.clone(), &grpc.service, &grpc.method).await?;
+                    schema::check_template(&grpc.request, &s.input).map_err(SourceError::Schema)?;
+                    Ok(s)
+                })
             })
             .await
     }

@@ -23,7 +23,7 @@ use aggregator::{
             profiles_server::{Profiles, ProfilesServer},
         },
     },
-    server::{accept_loop, serve_h2},
+    server::{H2Limits, accept_loop, serve_h2},
 };
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -191,6 +191,7 @@ impl GrpcUpstream {
         tokio::spawn(serve_h2(
             listener,
             routes.prepare(),
+            H2Limits::default(),
             stop.clone().cancelled_owned(),
             Duration::ZERO,
         ));

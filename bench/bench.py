@@ -1,0 +1,480 @@
+#!/usr/bin/env python3
+"""The benchmark: the gateway against calling its upstreams directly.
+
+Run through bench/run.sh, which builds the release binaries first. Starts the
+demo upstreams and gateways as separate processes pinned with taskset, drives
+them with the tonic load generator (bench/loadgen.rs), prints a table and
+writes every figure to bench/results/. Only the Python standard library.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FANOUT = [1, 2, 4, 8, 16]
+IN_FLIGHT = 10_000
+# Keeps the ready lines, drops the per-call INFO event (see the README).
+QUIET_LOG = "warn,aggregator=info,aggregator::gateway=warn"
+
+TARGETS = {
+    "overhead_p50_us": 60,
+    "overhead_p99_us": 250,
+    "saturation_ratio": 0.40,
+    "fanout16_p50_us": 5300,
+    "rss_idle_mb": 15,
+    "rss_10k_mb": 64,
+}
+
+
+def cpus():
+    return sorted(os.sched_getaffinity(0))
+
+
+class Placement:
+    """Which CPUs each role runs on; the same for the direct and gateway runs."""
+
+    def __init__(self, spec):
+        available = cpus()
+        if spec == "none" or len(available) < 2 or not shutil.which("taskset"):
+            self.load = self.upstreams = self.gateway = None
+        else:
+            # Two cores: the gateway gets one to itself; the load generator
+            # and the upstreams share the other, in both kinds of run.
+            first, second = available[0], available[1]
+            self.load = self.upstreams = str(first)
+            self.gateway = str(second)
+        # Attribution run: everything on one CPU, so no call waits for an
+        # idle CPU to wake up and what remains is work.
+        self.one_cpu = str(available[0]) if self.gateway is not None else None
+
+    def wrap(self, role, argv):
+        cpu = getattr(self, role)
+        return (["taskset", "-c", cpu] if cpu is not None else []) + argv
+
+    def describe(self):
+        if self.gateway is None:
+            return "unpinned"
+        return f"load generator and upstreams on CPU {self.load}, gateway on CPU {self.gateway}"
+
+
+class Process:
+    """A server process whose address comes from its JSON ready log line."""
+
+    def __init__(self, argv, ready, log_path):
+        self.log_path = log_path
+        self.log = open(log_path, "w+")
+        env = dict(os.environ, RUST_LOG=QUIET_LOG)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self.log, env=env)
+        self.fields = self._wait_ready(ready)
+
+    def _wait_ready(self, message):
+        # The line is written after the sockets are bound; read the log as it grows.
+        with open(self.log_path) as reader:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                line = reader.readline()
+                if not line:
+                    if self.proc.poll() is not None:
+                        sys.exit(f"bench: {self.proc.args} exited: {pathlib.Path(self.log_path).read_text()}")
+                    time.sleep(0.01)
+                    continue
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if event.get("message") == message:
+                    return event
+        sys.exit(f"bench: no '{message}' from {self.proc.args}")
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def cpu_seconds(self):
+        fields = pathlib.Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+
+    def rss_mb(self, key="VmRSS"):
+        for line in pathlib.Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError(f"no {key} for {self.pid}")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+class Bench:
+    def __init__(self, args, tmp):
+        self.args = args
+        self.tmp = tmp
+        self.bin = str(ROOT / "target/release/aggregator")
+        self.loadgen = str(ROOT / "target/release/examples/loadgen")
+        self.place = Placement(args.pin)
+        self.processes = []
+        self.upstream_procs = {}
+        self.results = {}
+
+    # ---- processes ----
+
+    def upstreams(self, name, delay, role="upstreams"):
+        p = Process(
+            self.place.wrap(
+                role,
+                [self.bin, "--log-format", "json", "demo-upstreams",
+                 "--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0", "--delay", delay],
+            ),
+            "demo upstreams ready",
+            self.tmp / f"upstreams-{name}.log",
+        )
+        self.processes.append(p)
+        self.upstream_procs[name] = p
+        return p.fields["grpc"], p.fields["http"]
+
+    def gateway(self, name, config, role="gateway"):
+        path = self.tmp / f"{name}.toml"
+        path.write_text(config)
+        p = Process(
+            self.place.wrap(role, [self.bin, "--log-format", "json", "--config", str(path)]),
+            "aggregator ready",
+            self.tmp / f"gateway-{name}.log",
+        )
+        self.processes.append(p)
+        return p, "http://" + p.fields["addr"]
+
+    def load(self, target, call, aggregation="", role="load", **opts):
+        opts.setdefault("warmup", self.args.warmup)
+        argv = [self.loadgen, "--target", target, "--call", call]
+        if aggregation:
+            argv += ["--aggregation", aggregation]
+        for key, value in opts.items():
+            argv += [f"--{key}", str(value)]
+        out = subprocess.run(
+            self.place.wrap(role, argv), check=True, capture_output=True, text=True
+        ).stdout
+        report = json.loads(out.strip().splitlines()[-1])
+        # h2load-style tools count a non-OK grpc-status as success; this one
+        # counts every status, and a benchmark run must be all OK.
+        if report["ok"] != report["requests"] or report["requests"] == 0:
+            sys.exit(f"bench: non-OK statuses from {call} {aggregation}: {report['codes']} {report['samples']}")
+        return report
+
+    # ---- scenarios ----
+
+    def run(self):
+        a = self.args
+        grpc5, http5 = self.upstreams("5ms", "5ms")
+        grpc0, http0 = self.upstreams("0ms", "0ms")
+        config = gateway_config(
+            [("d5", grpc5, http5), ("d0", grpc0, http0)],
+            fanout=(grpc5, http5),
+        )
+        gw, target = self.gateway("main", config)
+        time.sleep(0.2)  # let the process settle before reading its idle RSS
+        self.results["rss_idle_mb"] = round(gw.rss_mb(), 1)
+        # Learn each gRPC source's schema by reflection before measuring.
+        for agg in ["dash_d5", "dash_d0"] + [f"fan{n}" for n in FANOUT]:
+            self.load(target, "aggregate", agg, concurrency=1, duration="200ms", warmup="0s")
+
+        self.overhead(target, "http://" + grpc5)
+        self.saturation(gw, target, "http://" + grpc0)
+        self.fanout(target)
+        self.under_load(target, "http://" + grpc0)
+        self.results["rss_peak_mb"] = round(gw.rss_mb("VmHWM"), 1)
+        self.in_flight()
+
+    def overhead(self, gateway, direct):
+        """One call in flight; rounds alternate so drift hits both sides."""
+        self.results["overhead"] = self.overhead_rounds(gateway, direct, "load")
+        if self.place.one_cpu is not None:
+            grpc, http = self.upstreams("one_cpu", "5ms", role="one_cpu")
+            _, target = self.gateway("one_cpu", gateway_config([("d5", grpc, http)]), role="one_cpu")
+            self.load(target, "aggregate", "dash_d5", role="one_cpu", concurrency=1,
+                      duration="200ms", warmup="0s")
+            self.results["overhead_one_cpu"] = self.overhead_rounds(target, "http://" + grpc, "one_cpu")
+
+    def overhead_rounds(self, gateway, direct, role):
+        a = self.args
+        rows = {"direct": [], "gateway": []}
+        for _ in range(a.rounds):
+            rows["direct"].append(
+                self.load(direct, "profile", role=role, concurrency=1, duration=a.duration)
+            )
+            rows["gateway"].append(
+                self.load(gateway, "aggregate", "dash_d5", role=role, concurrency=1, duration=a.duration)
+            )
+        med = lambda side, key: statistics.median(r[key] for r in rows[side])
+        out = {side: {k: med(side, k) for k in ("p50_us", "p90_us", "p99_us", "rps")} for side in rows}
+        out["overhead_p50_us"] = round(med("gateway", "p50_us") - med("direct", "p50_us"), 1)
+        out["overhead_p99_us"] = round(med("gateway", "p99_us") - med("direct", "p99_us"), 1)
+        out["rounds"] = rows
+        return out
+
+    def saturation(self, gw, gateway, direct):
+        a = self.args
+        opts = dict(concurrency=a.saturation_concurrency, connections=4, duration=a.duration)
+        rows = {"direct": [], "gateway": []}
+        cpu_us = []
+        for _ in range(a.rounds):
+            rows["direct"].append(self.load(direct, "profile", **opts))
+            before = gw.cpu_seconds()
+            report = self.load(gateway, "aggregate", "dash_d0", **opts)
+            # The warmup's calls are in the CPU time too; count them by rate.
+            total = report["requests"] * (1 + parse_seconds(a.warmup) / parse_seconds(a.duration))
+            cpu_us.append((gw.cpu_seconds() - before) * 1e6 / total)
+            rows["gateway"].append(report)
+        direct_rps = statistics.median(r["rps"] for r in rows["direct"])
+        gateway_rps = statistics.median(r["rps"] for r in rows["gateway"])
+        self.results["saturation"] = {
+            "direct_rps": round(direct_rps),
+            "gateway_rps": round(gateway_rps),
+            "ratio": round(gateway_rps / direct_rps, 3),
+            "gateway_cpu_us_per_request": round(statistics.median(cpu_us), 1),
+            "concurrency": a.saturation_concurrency,
+            "rounds": rows,
+        }
+
+    def fanout(self, gateway):
+        a = self.args
+        out = {}
+        for n in FANOUT:
+            latency = self.load(gateway, "aggregate", f"fan{n}", concurrency=1, duration=a.duration)
+            throughput = self.load(
+                gateway, "aggregate", f"fan{n}", concurrency=256, connections=4, duration=a.duration
+            )
+            out[str(n)] = {
+                "p50_us": latency["p50_us"],
+                "p99_us": latency["p99_us"],
+                "rps_at_256_in_flight": round(throughput["rps"]),
+            }
+        self.results["fanout"] = out
+
+    def under_load(self, gateway, direct):
+        a = self.args
+        saturated = self.results["saturation"]["gateway_rps"]
+        out = {}
+        for share in (25, 50):
+            rate = max(1, int(saturated * share / 100))
+            opts = dict(rate=rate, concurrency=10000, connections=4, duration=a.duration)
+            g = self.load(gateway, "aggregate", "dash_d0", **opts)
+            d = self.load(direct, "profile", **opts)
+            out[f"{share}%"] = {
+                "rate": rate,
+                "gateway": {k: g[k] for k in ("p50_us", "p99_us", "rps")},
+                "direct": {k: d[k] for k in ("p50_us", "p99_us", "rps")},
+            }
+        self.results["under_load"] = out
+
+    def in_flight(self):
+        """Peak RSS of a fresh gateway holding 10,000 calls on 2 s upstreams;
+        the gRPC upstream (a plain tonic server holding the same calls on one
+        connection) is measured as a reference."""
+        grpc, http = self.upstreams("slow", "2s")
+        gw, target = self.gateway("slow", gateway_config([("slow", grpc, http)]))
+        upstream = self.upstream_procs["slow"]
+        opts = dict(concurrency=IN_FLIGHT, connections=64, duration="6s", warmup="0s", timeout="30s")
+        grpc_only = self.load(target, "aggregate", "grpc_slow", **opts)
+        rss_grpc = gw.rss_mb("VmHWM")
+        rss_upstream = upstream.rss_mb("VmHWM")
+        both = self.load(target, "aggregate", "dash_slow", **opts)
+        self.results["in_flight_10k"] = {
+            "in_flight": IN_FLIGHT,
+            "grpc_only": {"peak_rss_mb": round(rss_grpc, 1), "rps": round(grpc_only["rps"])},
+            "grpc_and_http": {"peak_rss_mb": round(gw.rss_mb("VmHWM"), 1), "rps": round(both["rps"])},
+            "grpc_upstream_peak_rss_mb": round(rss_upstream, 1),
+        }
+
+    def stop(self):
+        for p in reversed(self.processes):
+            p.stop()
+
+
+def parse_seconds(text):
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s)", text)
+    if not m:
+        raise ValueError(f"duration {text!r}: use e.g. 5s or 500ms")
+    return float(m[1]) / (1000 if m[2] == "ms" else 1)
+
+
+def gateway_config(sets, fanout=None):
+    """One gRPC and one HTTP source per upstream set, a 2-source aggregation
+    over each, and 16 alternating sources for the fan-out aggregations."""
+    out = ['[server]\nlisten = "127.0.0.1:0"\ndrain_timeout = "1s"\n']
+
+    def grpc(name, addr):
+        out.append(
+            f'[sources.{name}]\nkind = "grpc"\nendpoint = "http://{addr}"\n'
+            f'method = "demo.v1.Profiles/GetProfile"\nrequest = {{ user_id = "{{user_id}}" }}\n'
+        )
+
+    def http(name, addr):
+        out.append(f'[sources.{name}]\nkind = "http"\nurl = "http://{addr}/users/{{user_id}}/orders"\n')
+
+    def aggregation(name, sources):
+        names = ", ".join(f'"{s}"' for s in sources)
+        out.append(f'[aggregations.{name}]\nsources = [{names}]\ntimeout = "30s"\n')
+
+    for tag, grpc_addr, http_addr in sets:
+        grpc(f"profile_{tag}", grpc_addr)
+        http(f"orders_{tag}", http_addr)
+        aggregation(f"dash_{tag}", [f"profile_{tag}", f"orders_{tag}"])
+        aggregation(f"grpc_{tag}", [f"profile_{tag}"])
+    if fanout:
+        grpc_addr, http_addr = fanout
+        for i in range(1, max(FANOUT) + 1):
+            (grpc if i % 2 else http)(f"f{i}", grpc_addr if i % 2 else http_addr)
+        for n in FANOUT:
+            aggregation(f"fan{n}", [f"f{i}" for i in range(1, n + 1)])
+    return "\n".join(out)
+
+
+def machine():
+    model = "unknown"
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = 0
+    for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem = int(line.split()[1]) // (1024 * 1024)
+    return {
+        "cpu": model,
+        "cpus": len(cpus()),
+        "memory_gib": mem,
+        "kernel": platform.release(),
+        "rustc": subprocess.run(["rustc", "--version"], capture_output=True, text=True).stdout.strip(),
+    }
+
+
+def verdict(value, target, higher_is_better=False):
+    ok = value >= target if higher_is_better else value <= target
+    return "met" if ok else "MISSED"
+
+
+def table(r, place):
+    o, s, f, u, m = r["overhead"], r["saturation"], r["fanout"], r["under_load"], r["in_flight_10k"]
+    one = r.get("overhead_one_cpu")
+    rows = [
+        ("Overhead p50, 1 in flight, 5 ms upstreams",
+         f"{o['overhead_p50_us']:.0f} µs (gateway {o['gateway']['p50_us']:.0f}, direct {o['direct']['p50_us']:.0f})",
+         f"≤ {TARGETS['overhead_p50_us']} µs", verdict(o["overhead_p50_us"], TARGETS["overhead_p50_us"])),
+        ("Overhead p99",
+         f"{o['overhead_p99_us']:.0f} µs (gateway {o['gateway']['p99_us']:.0f}, direct {o['direct']['p99_us']:.0f})",
+         f"≤ {TARGETS['overhead_p99_us']} µs", verdict(o["overhead_p99_us"], TARGETS["overhead_p99_us"])),
+    ]
+    if one:
+        rows += [
+            ("Same, everything on one CPU (attribution)",
+             f"p50 {one['overhead_p50_us']:.0f} µs, p99 {one['overhead_p99_us']:.0f} µs "
+             f"(gateway {one['gateway']['p50_us']:.0f}/{one['gateway']['p99_us']:.0f}, "
+             f"direct {one['direct']['p50_us']:.0f}/{one['direct']['p99_us']:.0f})",
+             "", ""),
+        ]
+    rows += [
+        ("Saturation, 2-source Aggregate vs direct gRPC",
+         f"{s['gateway_rps']}/s vs {s['direct_rps']}/s = {s['ratio']:.2f}",
+         f"≥ {TARGETS['saturation_ratio']:.2f}",
+         verdict(s["ratio"], TARGETS["saturation_ratio"], higher_is_better=True)),
+        ("Gateway CPU per 2-source Aggregate", f"{s['gateway_cpu_us_per_request']:.0f} µs", "", ""),
+    ]
+    for n in FANOUT:
+        row = f[str(n)]
+        target = f"≤ {TARGETS['fanout16_p50_us'] / 1000:.1f} ms" if n == 16 else ""
+        rows.append((
+            f"Fan-out {n:>2} x 5 ms: p50 / p99, rate at 256 in flight",
+            f"{row['p50_us'] / 1000:.2f} / {row['p99_us'] / 1000:.2f} ms, {row['rps_at_256_in_flight']}/s",
+            target,
+            verdict(row["p50_us"], TARGETS["fanout16_p50_us"]) if n == 16 else "",
+        ))
+    for share, row in u.items():
+        g, d = row["gateway"], row["direct"]
+        rows.append((
+            f"Open loop at {share} of saturation ({row['rate']}/s): p50 / p99",
+            f"gateway {g['p50_us']:.0f} / {g['p99_us']:.0f} µs, direct {d['p50_us']:.0f} / {d['p99_us']:.0f} µs",
+            "", "",
+        ))
+    rows += [
+        ("RSS idle", f"{r['rss_idle_mb']:.1f} MB", f"≤ {TARGETS['rss_idle_mb']} MB",
+         verdict(r["rss_idle_mb"], TARGETS["rss_idle_mb"])),
+        ("Peak RSS over the runs above", f"{r['rss_peak_mb']:.1f} MB", "", ""),
+        ("Peak RSS, 10k in flight, 1 gRPC source",
+         f"{m['grpc_only']['peak_rss_mb']:.1f} MB (the tonic upstream holding them: "
+         f"{m['grpc_upstream_peak_rss_mb']:.1f} MB)",
+         f"≤ {TARGETS['rss_10k_mb']} MB", verdict(m["grpc_only"]["peak_rss_mb"], TARGETS["rss_10k_mb"])),
+        ("Peak RSS, 10k in flight, gRPC + HTTP/1 sources",
+         f"{m['grpc_and_http']['peak_rss_mb']:.1f} MB (HTTP/1: one upstream connection per call)",
+         "", ""),
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = [f"placement: {place.describe()}", ""]
+    header = ("Measure", "Result", "Target", "")
+    lines.append(" | ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+    lines.append("-|-".join("-" * w for w in widths))
+    for row in rows:
+        lines.append(" | ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--duration", default="5s", help="length of each measured run")
+    parser.add_argument("--warmup", default="1s")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating direct/gateway rounds")
+    parser.add_argument("--saturation-concurrency", type=int, default=128)
+    parser.add_argument("--pin", choices=["auto", "none"], default="auto")
+    parser.add_argument("--out", default=str(ROOT / "bench/results"))
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="aggregator-bench-") as tmp:
+        bench = Bench(args, pathlib.Path(tmp))
+        started = time.monotonic()
+        try:
+            bench.run()
+        finally:
+            bench.stop()
+        results = {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine(),
+            "placement": bench.place.describe(),
+            "settings": vars(args),
+            "targets": TARGETS,
+            "results": bench.results,
+            "seconds": round(time.monotonic() - started),
+        }
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = out / f"{stamp}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    (out / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(table(bench.results, bench.place))
+    print(f"\nmachine: {results['machine']['cpu']}, {results['machine']['cpus']} CPUs; "
+          f"took {results['seconds']} s; written to {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+
+
+if __name__ == "__main__":
+    main()
