@@ -82,7 +82,14 @@ impl SourceError {
                 message: status.message().to_owned(),
             };
         };
-        let chain = std::iter::successors(Some(cause), next_cause);
+        Self::from_transport(cause)
+    }
+
+    /// A request that failed below HTTP (dial, reset, timeout), named with
+    /// its whole cause chain: "client error (Connect)" alone would not say
+    /// that the connection was refused.
+    pub fn from_transport(error: &(dyn std::error::Error + 'static)) -> Self {
+        let chain = std::iter::successors(Some(error), next_cause);
         let mut message = String::new();
         for e in chain.clone() {
             // The budget is filled in by the caller, who knows it.
@@ -95,7 +102,12 @@ impl SourceError {
             message.push_str(&e.to_string());
         }
         let cause: Cause = Arc::from(Box::<dyn std::error::Error + Send + Sync>::from(message));
-        if chain.clone().any(|e| e.is::<tonic::ConnectError>()) {
+        let refused = |e: &(dyn std::error::Error + 'static)| {
+            e.is::<tonic::ConnectError>()
+                || e.downcast_ref::<hyper_util::client::legacy::Error>()
+                    .is_some_and(|e| e.is_connect())
+        };
+        if chain.clone().any(refused) {
             Self::Connect(cause)
         } else {
             Self::Transport(cause)

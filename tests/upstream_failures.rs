@@ -222,7 +222,12 @@ async fn refused_connections_are_unavailable_and_the_gateway_keeps_serving() {
 
     for name in ["down_http", "down_grpc"] {
         let (result, elapsed) = timed(&mut client, name, "7").await;
-        expect_source_failure(result, Code::Unavailable, name);
+        let status = expect_source_failure(result, Code::Unavailable, name);
+        assert!(
+            status.message().contains("cannot connect to upstream")
+                && status.message().contains("refused"),
+            "{name}: {status:?}"
+        );
         assert!(elapsed < QUICK, "{name}: took {elapsed:?}");
     }
     client.aggregate(request("profile", "7")).await.unwrap();

@@ -55,13 +55,10 @@ pub async fn call(
     request: Request<Full<Bytes>>,
     limit: usize,
 ) -> Result<serde_json::Value, SourceError> {
-    let response = client.request(request).await.map_err(|e| {
-        if e.is_connect() {
-            SourceError::Connect(Arc::new(e))
-        } else {
-            SourceError::Transport(Arc::new(e))
-        }
-    })?;
+    let response = client
+        .request(request)
+        .await
+        .map_err(|e| SourceError::from_transport(&e))?;
     let status = response.status();
     if !status.is_success() {
         return Err(SourceError::Http(status));
