@@ -121,7 +121,12 @@ pub fn merge(outcomes: Vec<Outcome>) -> AggregateResponse {
 fn source_result(outcome: Outcome) -> (SourceResult, Option<Value>) {
     let (code, message, value) = match outcome.result {
         Ok(json) => (0, String::new(), Some(to_value(json))),
-        Err(e) => (e.code() as i32, e.to_string(), None),
+        // A fallback stands in for the data; the code still tells the truth.
+        Err(e) => (
+            e.code() as i32,
+            e.to_string(),
+            outcome.fallback.map(to_value),
+        ),
     };
     let result = SourceResult {
         source: outcome.source.to_string(),

@@ -21,6 +21,9 @@ use crate::{
 /// Default cap on an upstream response body.
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
 
+/// Default wait for a free slot under a concurrency cap.
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_millis(10);
+
 /// A config that cannot be used; names the file, the key and what was expected.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -50,6 +53,8 @@ struct FileModel {
     #[serde(default)]
     server: ServerModel,
     #[serde(default)]
+    defaults: DefaultsModel,
+    #[serde(default)]
     sources: BTreeMap<String, SourceModel>,
     #[serde(default)]
     aggregations: BTreeMap<String, AggregationModel>,
@@ -62,6 +67,9 @@ struct ServerModel {
     listen: SocketAddr,
     #[serde(default = "default_drain", with = "humantime_serde")]
     drain_timeout: Duration,
+    max_concurrent_calls: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    queue_timeout: Option<Duration>,
 }
 
 impl Default for ServerModel {
@@ -69,8 +77,22 @@ impl Default for ServerModel {
         Self {
             listen: default_listen(),
             drain_timeout: default_drain(),
+            max_concurrent_calls: None,
+            queue_timeout: None,
         }
     }
+}
+
+/// `[defaults]`: the keys every source inherits unless it sets them itself.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DefaultsModel {
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
+    max_response_bytes: Option<usize>,
+    max_concurrent: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    queue_timeout: Option<Duration>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -95,6 +117,10 @@ struct SourceModel {
     #[serde(default, with = "humantime_serde")]
     timeout: Option<Duration>,
     max_response_bytes: Option<usize>,
+    max_concurrent: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    queue_timeout: Option<Duration>,
+    fallback: Option<toml::Value>,
     /// gRPC: `package.Service/Method`; HTTP: the request method.
     method: Option<String>,
     // gRPC only
@@ -165,6 +191,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// How long in-flight calls may run after a shutdown signal.
     pub drain_timeout: Duration,
+    /// Gateway-wide cap on concurrent `Aggregate`/`FetchAll` calls.
+    pub max_concurrent_calls: Option<Limit>,
     /// Every source, sorted by name.
     pub sources: Vec<Arc<SourceSpec>>,
     /// Every aggregation, sorted by name.
@@ -178,7 +206,18 @@ pub struct SourceSpec {
     pub timeout: Option<Duration>,
     /// Largest response body accepted from the upstream.
     pub max_response_bytes: usize,
+    /// Cap on this source's concurrent upstream requests.
+    pub max_concurrent: Option<Limit>,
+    /// Served in place of the data when the source fails and the call goes on.
+    pub fallback: Option<serde_json::Value>,
     pub kind: SourceKind,
+}
+
+/// A concurrency cap and how long a call may wait for a free slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub max: usize,
+    pub queue_timeout: Duration,
 }
 
 #[derive(Debug)]
@@ -259,7 +298,17 @@ impl Config {
             origin: origin.to_owned(),
             source: Box::new(e),
         })?;
-        let v = Validator { origin, base_dir };
+        let v = Validator {
+            origin,
+            base_dir,
+            defaults: &model.defaults,
+        };
+        v.check_defaults()?;
+        let max_concurrent_calls = v.limit(
+            "server",
+            model.server.max_concurrent_calls,
+            model.server.queue_timeout,
+        )?;
         let sources: Vec<Arc<SourceSpec>> = model
             .sources
             .into_iter()
@@ -273,6 +322,7 @@ impl Config {
         Ok(Self {
             listen: model.server.listen,
             drain_timeout: model.server.drain_timeout,
+            max_concurrent_calls,
             sources,
             aggregations,
         })
@@ -282,6 +332,7 @@ impl Config {
 struct Validator<'a> {
     origin: &'a str,
     base_dir: &'a Path,
+    defaults: &'a DefaultsModel,
 }
 
 impl Validator<'_> {
@@ -290,6 +341,45 @@ impl Validator<'_> {
             origin: self.origin.to_owned(),
             key: key.into(),
             message: message.into(),
+        }
+    }
+
+    /// Zero values in `[defaults]` are named there, not in each source.
+    fn check_defaults(&self) -> Result<(), ConfigError> {
+        let d = self.defaults;
+        let zero = [
+            ("timeout", d.timeout == Some(Duration::ZERO)),
+            ("max_response_bytes", d.max_response_bytes == Some(0)),
+            ("max_concurrent", d.max_concurrent == Some(0)),
+        ];
+        match zero.into_iter().find(|(_, z)| *z) {
+            Some((field, _)) => {
+                Err(self.err(format!("defaults.{field}"), "must be greater than zero"))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// `max_concurrent` (or `max_concurrent_calls`) and `queue_timeout` of
+    /// `table`, already merged with any defaults.
+    fn limit(
+        &self,
+        table: &str,
+        max: Option<usize>,
+        queue_timeout: Option<Duration>,
+    ) -> Result<Option<Limit>, ConfigError> {
+        let max_key = if table == "server" {
+            "max_concurrent_calls"
+        } else {
+            "max_concurrent"
+        };
+        match (max, queue_timeout) {
+            (Some(0), _) => Err(self.err(format!("{table}.{max_key}"), "must be at least 1")),
+            (Some(max), queue_timeout) => Ok(Some(Limit {
+                max,
+                queue_timeout: queue_timeout.unwrap_or(DEFAULT_QUEUE_TIMEOUT),
+            })),
+            (None, _) => Ok(None),
         }
     }
 
@@ -320,7 +410,20 @@ impl Validator<'_> {
         let required = |value: Option<String>, field: &str, expected: &str| {
             value.ok_or_else(|| self.err(key(field), format!("missing; expected {expected}")))
         };
-        let (timeout, max_response_bytes) = (model.timeout, model.max_response_bytes);
+        let d = self.defaults;
+        let timeout = model.timeout.or(d.timeout);
+        let max_response_bytes = model.max_response_bytes.or(d.max_response_bytes);
+        let max_concurrent = self.limit(
+            &format!("sources.{name}"),
+            model.max_concurrent.or(d.max_concurrent),
+            model.queue_timeout.or(d.queue_timeout),
+        )?;
+        let fallback = model
+            .fallback
+            .as_ref()
+            .map(toml_to_json)
+            .transpose()
+            .map_err(|m| self.err(key("fallback"), m))?;
         let kind = match model.kind {
             SourceKindModel::Grpc => {
                 let endpoint: Uri =
@@ -424,6 +527,8 @@ impl Validator<'_> {
             name: name.into(),
             timeout,
             max_response_bytes: max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES),
+            max_concurrent,
+            fallback,
             kind,
         })
     }

@@ -10,7 +10,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::template::RenderError;
+use crate::{bulkhead::Full, template::RenderError};
 
 /// The `google.rpc.ErrorInfo` domain of errors raised by the gateway.
 pub const ERROR_DOMAIN: &str = "aggregator";
@@ -37,6 +37,9 @@ pub enum Error {
         source_name: Arc<str>,
         error: SourceError,
     },
+    /// The gateway-wide cap on calls in flight was reached.
+    #[error("gateway at capacity: {0}")]
+    Overloaded(Full),
 }
 
 /// Why one source failed.
@@ -57,6 +60,9 @@ pub enum SourceError {
     Timeout(Duration),
     #[error("response body is not JSON: {0}")]
     NotJson(Arc<serde_json::Error>),
+    /// The source's cap on requests in flight was reached; nothing was sent.
+    #[error("source at capacity: {0}")]
+    Overloaded(Full),
     #[error("response exceeds the {0}-byte size cap")]
     TooLarge(usize),
     /// The response could not be decoded against the method's schema.
@@ -121,7 +127,7 @@ impl SourceError {
             Self::Connect(_) | Self::Transport(_) => Code::Unavailable,
             Self::Timeout(_) => Code::DeadlineExceeded,
             Self::NotJson(_) | Self::Decode(_) => Code::Internal,
-            Self::TooLarge(_) => Code::ResourceExhausted,
+            Self::TooLarge(_) | Self::Overloaded(_) => Code::ResourceExhausted,
             Self::Request { .. } => Code::InvalidArgument,
             Self::Schema(_) => Code::FailedPrecondition,
         }
@@ -162,6 +168,7 @@ impl Error {
             Self::UnknownSource { .. } | Self::Param(_) => Code::InvalidArgument,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Self::Source { error, .. } => error.code(),
+            Self::Overloaded(_) => Code::ResourceExhausted,
         }
     }
 
@@ -195,6 +202,10 @@ impl Error {
                 HashMap::from([("parameter".to_owned(), name.to_string())]),
             ),
             Self::DeadlineExceeded(_) => ("DEADLINE_EXCEEDED", HashMap::new()),
+            Self::Overloaded(full) => (
+                "GATEWAY_OVERLOADED",
+                HashMap::from([("max_concurrent_calls".to_owned(), full.max.to_string())]),
+            ),
         };
         Status::with_error_details(
             code,

@@ -26,6 +26,8 @@ pub struct Outcome {
     pub elapsed: Duration,
     /// Requests sent to the upstream.
     pub attempts: u32,
+    /// The source's configured stand-in data, when it failed.
+    pub fallback: Option<serde_json::Value>,
 }
 
 /// A failed call, with the sources that had finished by then (for the log).
@@ -53,9 +55,18 @@ pub async fn run(
             let t0 = Instant::now();
             let result = source.call(prepared, deadline).await;
             let attempts = match &result {
-                // Nothing was sent: the request could not be built.
-                Err(SourceError::Request { .. } | SourceError::Schema(_)) => 0,
+                // Nothing was sent: the request could not be built, or the
+                // source was at capacity.
+                Err(
+                    SourceError::Request { .. }
+                    | SourceError::Schema(_)
+                    | SourceError::Overloaded(_),
+                ) => 0,
                 _ => 1,
+            };
+            let fallback = match &result {
+                Err(_) => source.spec.fallback.clone(),
+                Ok(_) => None,
             };
             let outcome = Outcome {
                 source: source.name().clone(),
@@ -63,6 +74,7 @@ pub async fn run(
                 result,
                 elapsed: t0.elapsed(),
                 attempts,
+                fallback,
             };
             (i, outcome)
         })

@@ -6,6 +6,7 @@ use std::{collections::HashMap, fmt, sync::Arc, time::Duration};
 use tokio::time::Instant;
 
 use crate::{
+    bulkhead::Bulkhead,
     config::{Config, Mode},
     deadline::Deadline,
     error::Error,
@@ -20,6 +21,8 @@ pub const MAX_PARAM_BYTES: usize = 8 * 1024;
 /// The sources and aggregations of a config, with live clients.
 pub struct Gateway {
     aggregations: HashMap<Arc<str>, Aggregation>,
+    /// The gateway-wide cap on calls in flight, if configured.
+    calls: Option<Bulkhead>,
 }
 
 struct Aggregation {
@@ -74,7 +77,10 @@ impl Gateway {
                 (a.name.clone(), agg)
             })
             .collect();
-        Self { aggregations }
+        Self {
+            aggregations,
+            calls: config.max_concurrent_calls.map(Bulkhead::new),
+        }
     }
 
     pub async fn call(&self, call: Call<'_>) -> Result<Vec<Outcome>, Error> {
@@ -91,6 +97,17 @@ impl Gateway {
         let deadline = match call.deadline {
             Some(d) => d.cap(agg.timeout),
             None => Deadline::after(agg.timeout),
+        };
+        let _slot = match &self.calls {
+            Some(calls) => Some(calls.enter(deadline).await.map_err(|full| {
+                if deadline.is_expired() {
+                    return Error::DeadlineExceeded(full.waited);
+                }
+                // Per call, so not at WARN: a flood would flood the log too.
+                tracing::debug!(aggregation = %agg.name, %full, "call shed: gateway at capacity");
+                Error::Overloaded(full)
+            })?),
+            None => None,
         };
         let mut log = CallLog::new(&agg.name, &selected);
         let result = fanout::run(dispatch, call.mode.unwrap_or(agg.mode), deadline).await;

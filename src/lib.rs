@@ -13,12 +13,15 @@
 //! - [`gateway`]: resolves an aggregation, checks params, computes the deadline.
 //! - [`deadline`]: the deadline as a value, and `grpc-timeout` parsing.
 //! - [`fanout`]: concurrent dispatch; fail-fast vs best-effort.
+//! - [`bulkhead`]: concurrency caps per source and gateway-wide, with a
+//!   bounded wait, so overload is refused rather than queued.
 //! - [`upstream`]: one source's client: gRPC (dynamic messages, reflection) or HTTP.
 //! - [`error`]: typed errors and the one mapping to `tonic::Status`.
 //! - [`demo`]: the built-in demo upstreams.
 //! - [`pb`]: generated protobuf code.
 
 pub mod api;
+pub mod bulkhead;
 pub mod config;
 pub mod deadline;
 pub mod demo;

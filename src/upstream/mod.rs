@@ -14,6 +14,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 
 use crate::{
+    bulkhead::Bulkhead,
     config::{SourceKind, SourceSpec},
     deadline::Deadline,
     error::SourceError,
@@ -26,6 +27,8 @@ pub struct Source {
     /// Placeholders its requests need.
     pub params: Vec<Arc<str>>,
     client: Client,
+    /// The cap on this source's requests in flight, if configured.
+    bulkhead: Option<Bulkhead>,
 }
 
 enum Client {
@@ -49,6 +52,7 @@ impl Source {
         };
         Self {
             params: spec.params(),
+            bulkhead: spec.max_concurrent.map(Bulkhead::new),
             spec,
             client,
         }
@@ -75,6 +79,12 @@ impl Source {
         let own = self.spec.timeout.filter(|t| *t < deadline.remaining());
         let deadline = own.map_or(deadline, |t| deadline.cap(t));
         let send = async {
+            // Waiting for a slot counts against the source's time; the slot
+            // is held until the response is read or the call is dropped.
+            let _slot = match &self.bulkhead {
+                Some(b) => Some(b.enter(deadline).await.map_err(SourceError::Overloaded)?),
+                None => None,
+            };
             match (&self.client, prepared) {
                 (Client::Grpc(g), Prepared::Grpc(json)) => g.call(json, deadline).await,
                 (Client::Http(c), Prepared::Http(req)) => {

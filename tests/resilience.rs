@@ -1,0 +1,264 @@
+//! Protecting upstreams and callers: concurrency caps (per source and
+//! gateway-wide) that shed a flood with RESOURCE_EXHAUSTED instead of queueing
+//! it, and fallbacks that stand in for a failed optional source.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use aggregator::pb::aggregator::v1::{
+    AggregateRequest, AggregateResponse, FetchAllRequest, Mode, aggregator_client::AggregatorClient,
+};
+use futures_util::future::join_all;
+use prost_types::value::Kind;
+use support::*;
+use tonic::{Code, Status, transport::Channel};
+use tonic_types::StatusExt;
+
+/// Upstream delay in the flood tests: a call answered well before it was
+/// refused without reaching the upstream.
+const SLOW: Duration = Duration::from_secs(1);
+
+fn request(aggregation: &str, user_id: &str) -> AggregateRequest {
+    AggregateRequest {
+        aggregation: aggregation.into(),
+        params: params(&[("user_id", user_id)]),
+    }
+}
+
+/// Sends `n` Aggregate calls at once; each result with its latency.
+async fn flood(
+    client: &AggregatorClient<Channel>,
+    aggregation: &str,
+    n: usize,
+) -> Vec<(Result<tonic::Response<AggregateResponse>, Status>, Duration)> {
+    join_all((0..n).map(|i| {
+        let mut client = client.clone();
+        async move {
+            let t0 = Instant::now();
+            let result = client.aggregate(request(aggregation, &i.to_string())).await;
+            (result, t0.elapsed())
+        }
+    }))
+    .await
+}
+
+/// The refused calls of a flood: RESOURCE_EXHAUSTED, quickly.
+fn refused(
+    results: &[(Result<tonic::Response<AggregateResponse>, Status>, Duration)],
+) -> Vec<&Status> {
+    results
+        .iter()
+        .filter_map(|(result, elapsed)| {
+            let status = result.as_ref().err()?;
+            assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+            assert!(
+                *elapsed < SLOW / 2,
+                "refused after {elapsed:?}, not shed at once: {status:?}"
+            );
+            Some(status)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn source_cap_sheds_a_flood_and_the_upstream_never_sees_more() {
+    let slow = Upstream::grpc().delay(SLOW).start().await;
+    let gateway = Gateway::start(&format!(
+        "{}max_concurrent = 2\nqueue_timeout = \"20ms\"\n{}",
+        grpc_source("slow", &slow),
+        aggregation("slow", &["slow"], "")
+    ))
+    .await;
+    let client = gateway.client().await;
+
+    let results = flood(&client, "slow", 20).await;
+    let ok = results.iter().filter(|(r, _)| r.is_ok()).count();
+    assert_eq!(ok, 2, "exactly the cap got through");
+    let shed = refused(&results);
+    assert_eq!(shed.len(), 18);
+    for status in shed {
+        assert!(
+            status
+                .message()
+                .starts_with("source 'slow': source at capacity: 2 already in flight"),
+            "{status:?}"
+        );
+        let info = status.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(info.metadata["source"], "slow");
+    }
+    assert_eq!(slow.log.stats().started, 2, "refused calls sent nothing");
+
+    // The flood has passed: the source is served again.
+    client
+        .clone()
+        .aggregate(request("slow", "1"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_queued_call_takes_a_slot_freed_within_its_queue_time() {
+    let delay = Duration::from_millis(200);
+    let upstream = Upstream::grpc().delay(delay).start().await;
+    let gateway = Gateway::start(&format!(
+        "{}max_concurrent = 1\nqueue_timeout = \"5s\"\n{}",
+        grpc_source("one", &upstream),
+        aggregation("one", &["one"], "")
+    ))
+    .await;
+    let client = gateway.client().await;
+
+    let results = flood(&client, "one", 2).await;
+    let mut latencies: Vec<Duration> = results
+        .into_iter()
+        .map(|(r, elapsed)| {
+            r.expect("both are served");
+            elapsed
+        })
+        .collect();
+    latencies.sort();
+    // One after the other, never two at once at the upstream.
+    assert!(latencies[1] >= delay * 2, "{latencies:?}");
+    assert_eq!(upstream.log.stats().finished, 2);
+}
+
+#[tokio::test]
+async fn gateway_cap_sheds_calls_with_gateway_overloaded() {
+    let slow = Upstream::grpc().delay(SLOW).start().await;
+    let gateway = Gateway::start(&format!(
+        "[server]\nmax_concurrent_calls = 3\nqueue_timeout = \"20ms\"\n{}{}",
+        grpc_source("slow", &slow),
+        aggregation("slow", &["slow"], "")
+    ))
+    .await;
+    let client = gateway.client().await;
+
+    let results = flood(&client, "slow", 12).await;
+    assert_eq!(results.iter().filter(|(r, _)| r.is_ok()).count(), 3);
+    let shed = refused(&results);
+    assert_eq!(shed.len(), 9);
+    for status in shed {
+        assert!(
+            status
+                .message()
+                .starts_with("gateway at capacity: 3 already in flight"),
+            "{status:?}"
+        );
+        let info = status.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(info.reason, "GATEWAY_OVERLOADED");
+        assert_eq!(info.metadata["max_concurrent_calls"], "3");
+    }
+    assert_eq!(slow.log.stats().started, 3);
+}
+
+#[tokio::test]
+async fn optional_source_at_capacity_degrades_the_answer_with_nothing_sent() {
+    let slow = Upstream::grpc().delay(SLOW).start().await;
+    let fast = Upstream::grpc().start().await;
+    let gateway = Gateway::start(&format!(
+        "{}max_concurrent = 1\nqueue_timeout = \"10ms\"\n{}{}",
+        grpc_source("slow", &slow),
+        grpc_source("fast", &fast),
+        aggregation("both", &["fast", "slow"], "optional = [\"slow\"]")
+    ))
+    .await;
+    let mut client = gateway.client().await;
+
+    // One call holds the slow source's only slot...
+    let holder = tokio::spawn({
+        let mut client = client.clone();
+        async move { client.aggregate(request("both", "1")).await }
+    });
+    assert!(slow.log.wait_for(SLOW, |s| s.started == 1).await);
+    // ...so the next one gets the fast source and a refusal for the slow one.
+    let answer = client
+        .fetch_all(FetchAllRequest {
+            aggregation: "both".into(),
+            params: params(&[("user_id", "2")]),
+            sources: vec![],
+            mode: Mode::Unspecified as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!answer.complete);
+    let [fast_result, slow_result] = &answer.results[..] else {
+        panic!("two results: {answer:?}");
+    };
+    assert_eq!(fast_result.code, Code::Ok as i32);
+    assert_eq!(slow_result.code, Code::ResourceExhausted as i32);
+    assert_eq!(slow_result.attempts, 0, "nothing was sent: {slow_result:?}");
+    assert!(slow_result.message.contains("source at capacity"));
+    holder.await.unwrap().unwrap();
+    assert_eq!(slow.log.stats().started, 1);
+}
+
+#[tokio::test]
+async fn fallback_stands_in_for_a_failed_optional_source_with_the_real_status() {
+    let profile = Upstream::grpc().start().await;
+    let orders = Upstream::http().status(503).start().await;
+    let gateway = Gateway::start(&format!(
+        "{}{}fallback = {{ orders = [], count = 0 }}\n{}{}",
+        grpc_source("profile", &profile),
+        http_source("orders", &orders, "/users/{user_id}/orders"),
+        aggregation(
+            "degraded",
+            &["profile", "orders"],
+            "optional = [\"orders\"]"
+        ),
+        aggregation("strict", &["profile", "orders"], ""),
+    ))
+    .await;
+    let mut client = gateway.client().await;
+
+    let answer = client
+        .aggregate(request("degraded", "7"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!answer.complete, "a fallback is not a success");
+    let data = answer.data.expect("data").fields;
+    let Some(Kind::StructValue(fallback)) = &data["orders"].kind else {
+        panic!("orders: {:?}", data["orders"]);
+    };
+    assert!(
+        matches!(&fallback.fields["orders"].kind, Some(Kind::ListValue(l)) if l.values.is_empty())
+    );
+    assert!(matches!(fallback.fields["count"].kind, Some(Kind::NumberValue(n)) if n == 0.0));
+    assert!(data.contains_key("profile"));
+    let orders_result = answer
+        .sources
+        .iter()
+        .find(|s| s.source == "orders")
+        .unwrap();
+    assert_eq!(orders_result.code, Code::Unavailable as i32);
+    assert!(
+        orders_result.message.contains("HTTP 503"),
+        "{orders_result:?}"
+    );
+
+    // FetchAll carries it as the source's data, next to the real code.
+    let all = client
+        .fetch_all(FetchAllRequest {
+            aggregation: "degraded".into(),
+            params: params(&[("user_id", "7")]),
+            sources: vec!["orders".into()],
+            mode: Mode::Unspecified as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.results[0].code, Code::Unavailable as i32);
+    assert!(matches!(
+        all.results[0].data.as_ref().and_then(|v| v.kind.as_ref()),
+        Some(Kind::StructValue(_))
+    ));
+
+    // Where the source is required, a fallback does not hide the failure.
+    let status = client
+        .aggregate(request("strict", "7"))
+        .await
+        .expect_err("a required source failed");
+    assert_eq!(status.code(), Code::Unavailable);
+}
