@@ -93,6 +93,39 @@ struct DefaultsModel {
     max_concurrent: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     queue_timeout: Option<Duration>,
+    retry: Option<RetryModel>,
+}
+
+/// `retry = { ... }` of a source or of `[defaults]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetryModel {
+    attempts: u32,
+    #[serde(default = "default_backoff", with = "humantime_serde")]
+    backoff: Duration,
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    max_backoff: Duration,
+    on: Option<Vec<String>>,
+    #[serde(default = "default_budget")]
+    budget: f32,
+    #[serde(default = "default_min_per_second")]
+    min_per_second: u32,
+}
+
+fn default_backoff() -> Duration {
+    Duration::from_millis(25)
+}
+
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_budget() -> f32 {
+    0.2
+}
+
+fn default_min_per_second() -> u32 {
+    10
 }
 
 fn default_listen() -> SocketAddr {
@@ -121,6 +154,8 @@ struct SourceModel {
     #[serde(default, with = "humantime_serde")]
     queue_timeout: Option<Duration>,
     fallback: Option<toml::Value>,
+    retry: Option<RetryModel>,
+    idempotent: Option<bool>,
     /// gRPC: `package.Service/Method`; HTTP: the request method.
     method: Option<String>,
     // gRPC only
@@ -210,7 +245,65 @@ pub struct SourceSpec {
     pub max_concurrent: Option<Limit>,
     /// Served in place of the data when the source fails and the call goes on.
     pub fallback: Option<serde_json::Value>,
+    /// Retries; only ever set on a source that is safe to repeat.
+    pub retry: Option<RetrySpec>,
     pub kind: SourceKind,
+}
+
+/// When and how often a failed request is sent again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetrySpec {
+    /// Requests in all, the first included.
+    pub attempts: u32,
+    /// Cap of the first backoff; doubles per retry up to `max_backoff`.
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+    pub on: RetryOn,
+    /// Retries allowed as a fraction of recent requests.
+    pub budget: f32,
+    /// Retries allowed per second regardless of `budget`.
+    pub min_per_second: u32,
+}
+
+/// The failures a source retries: a subset of those safe to repeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryOn(u8);
+
+impl RetryOn {
+    /// The names of `on = [...]`, each a failure that leaves nothing done
+    /// upstream or that the upstream declares transient.
+    pub const NAMES: [&'static str; 7] = [
+        "connect",
+        "unavailable",
+        "resource_exhausted",
+        "429",
+        "502",
+        "503",
+        "504",
+    ];
+    pub const ALL: Self = Self((1 << Self::NAMES.len()) - 1);
+
+    pub fn parse(names: &[String]) -> Result<Self, String> {
+        names.iter().try_fold(Self(0), |set, name| {
+            Self::NAMES
+                .iter()
+                .position(|n| n == name)
+                .map(|i| Self(set.0 | 1 << i))
+                .ok_or_else(|| {
+                    format!(
+                        "`{name}` is not a failure safe to retry; expected some of {}",
+                        Self::NAMES.join(", ")
+                    )
+                })
+        })
+    }
+
+    pub fn contains(self, name: &str) -> bool {
+        Self::NAMES
+            .iter()
+            .position(|n| *n == name)
+            .is_some_and(|i| self.0 & (1 << i) != 0)
+    }
 }
 
 /// A concurrency cap and how long a call may wait for a free slot.
@@ -344,6 +437,60 @@ impl Validator<'_> {
         }
     }
 
+    /// A source's retry policy: its own, else `[defaults]`'s. Retries are for
+    /// sources safe to repeat (gRPC, and HTTP GET/HEAD/PUT/DELETE, unless
+    /// `idempotent` says otherwise); one inherited by another source is
+    /// dropped, one written on it is refused.
+    fn retry(&self, name: &str, model: &SourceModel) -> Result<Option<RetrySpec>, ConfigError> {
+        let (retry, table) = match (&model.retry, &self.defaults.retry) {
+            (Some(own), _) => (own, format!("sources.{name}.retry")),
+            (None, Some(inherited)) => (inherited, "defaults.retry".to_owned()),
+            (None, None) => return Ok(None),
+        };
+        let method = model.method.as_deref().unwrap_or("GET");
+        let safe = model.idempotent.unwrap_or(match model.kind {
+            SourceKindModel::Grpc => true,
+            SourceKindModel::Http => matches!(method, "GET" | "HEAD" | "PUT" | "DELETE"),
+        });
+        if !safe {
+            return match model.retry {
+                Some(_) => Err(self.err(
+                    format!("sources.{name}.retry"),
+                    format!("{method} is not safe to repeat; set `idempotent = true` if it is"),
+                )),
+                None => Ok(None),
+            };
+        }
+        let err = |field: &str, message: &str| self.err(format!("{table}.{field}"), message);
+        if retry.attempts < 1 {
+            return Err(err(
+                "attempts",
+                "must be at least 1 (the first request counts)",
+            ));
+        }
+        if retry.backoff > retry.max_backoff {
+            return Err(err("backoff", "must not exceed `max_backoff`"));
+        }
+        if !(0.0..=10.0).contains(&retry.budget) {
+            return Err(err(
+                "budget",
+                "expected a fraction of requests, 0.0 to 10.0",
+            ));
+        }
+        let on = match &retry.on {
+            Some(names) => RetryOn::parse(names).map_err(|m| err("on", &m))?,
+            None => RetryOn::ALL,
+        };
+        Ok(Some(RetrySpec {
+            attempts: retry.attempts,
+            backoff: retry.backoff,
+            max_backoff: retry.max_backoff,
+            on,
+            budget: retry.budget,
+            min_per_second: retry.min_per_second,
+        }))
+    }
+
     /// Zero values in `[defaults]` are named there, not in each source.
     fn check_defaults(&self) -> Result<(), ConfigError> {
         let d = self.defaults;
@@ -418,6 +565,7 @@ impl Validator<'_> {
             model.max_concurrent.or(d.max_concurrent),
             model.queue_timeout.or(d.queue_timeout),
         )?;
+        let retry = self.retry(&name, &model)?;
         let fallback = model
             .fallback
             .as_ref()
@@ -529,6 +677,7 @@ impl Validator<'_> {
             max_response_bytes: max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES),
             max_concurrent,
             fallback,
+            retry,
             kind,
         })
     }

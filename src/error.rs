@@ -49,8 +49,12 @@ pub enum SourceError {
     #[error("{}", .message)]
     Grpc { code: Code, message: String },
     /// The HTTP upstream answered with a non-2xx status.
-    #[error("upstream answered HTTP {0}")]
-    Http(http::StatusCode),
+    #[error("upstream answered HTTP {status}")]
+    Http {
+        status: http::StatusCode,
+        /// Its `Retry-After`, when it sent one.
+        retry_after: Option<Duration>,
+    },
     #[error("cannot connect to upstream: {0}")]
     Connect(Cause),
     /// The connection failed after it was established (reset, closed early).
@@ -123,7 +127,7 @@ impl SourceError {
     pub fn code(&self) -> Code {
         match self {
             Self::Grpc { code, .. } => *code,
-            Self::Http(status) => http_status_code(*status),
+            Self::Http { status, .. } => http_status_code(*status),
             Self::Connect(_) | Self::Transport(_) => Code::Unavailable,
             Self::Timeout(_) => Code::DeadlineExceeded,
             Self::NotJson(_) | Self::Decode(_) => Code::Internal,

@@ -53,7 +53,7 @@ pub async fn run(
         .enumerate()
         .map(|(i, (source, optional, prepared))| async move {
             let t0 = Instant::now();
-            let result = source.call(prepared, deadline).await;
+            let (result, sent) = source.call(prepared, deadline).await;
             let attempts = match &result {
                 // Nothing was sent: the request could not be built, or the
                 // source was at capacity.
@@ -61,8 +61,8 @@ pub async fn run(
                     SourceError::Request { .. }
                     | SourceError::Schema(_)
                     | SourceError::Overloaded(_),
-                ) => 0,
-                _ => 1,
+                ) if sent <= 1 => 0,
+                _ => sent,
             };
             let fallback = match &result {
                 Err(_) => source.spec.fallback.clone(),

@@ -15,6 +15,7 @@
 //! - [`fanout`]: concurrent dispatch; fail-fast vs best-effort.
 //! - [`bulkhead`]: concurrency caps per source and gateway-wide, with a
 //!   bounded wait, so overload is refused rather than queued.
+//! - [`retry`]: backoff, what is safe to retry, the deadline and the budget.
 //! - [`upstream`]: one source's client: gRPC (dynamic messages, reflection) or HTTP.
 //! - [`error`]: typed errors and the one mapping to `tonic::Status`.
 //! - [`demo`]: the built-in demo upstreams.
@@ -29,6 +30,7 @@ pub mod error;
 pub mod fanout;
 pub mod gateway;
 pub mod pb;
+pub mod retry;
 pub mod server;
 pub mod telemetry;
 pub mod template;

@@ -262,3 +262,152 @@ async fn fallback_stands_in_for_a_failed_optional_source_with_the_real_status() 
         .expect_err("a required source failed");
     assert_eq!(status.code(), Code::Unavailable);
 }
+
+// ---- retries ----
+
+async fn fetch_one(
+    client: &mut AggregatorClient<Channel>,
+    aggregation: &str,
+    user_id: &str,
+) -> Result<aggregator::pb::aggregator::v1::SourceResult, Status> {
+    let mut response = client
+        .fetch_all(FetchAllRequest {
+            aggregation: aggregation.into(),
+            params: params(&[("user_id", user_id)]),
+            sources: vec![],
+            mode: Mode::BestEffort as i32,
+        })
+        .await?
+        .into_inner();
+    Ok(response.results.remove(0))
+}
+
+#[tokio::test]
+async fn transient_failures_are_retried_and_counted() {
+    let grpc = Upstream::grpc()
+        .fail_first(2, Code::Unavailable)
+        .start()
+        .await;
+    let http = Upstream::http().fail_first(1, 503, None).start().await;
+    let gateway = Gateway::start(&format!(
+        "[defaults]\nretry = {{ attempts = 3, backoff = \"5ms\" }}\n{}{}{}{}",
+        grpc_source("grpc", &grpc),
+        http_source("http", &http, "/u/{user_id}"),
+        aggregation("grpc", &["grpc"], ""),
+        aggregation("http", &["http"], ""),
+    ))
+    .await;
+    let mut client = gateway.client().await;
+
+    let grpc_result = fetch_one(&mut client, "grpc", "1").await.unwrap();
+    assert_eq!(grpc_result.code, Code::Ok as i32, "{grpc_result:?}");
+    assert_eq!(grpc_result.attempts, 3);
+    assert_eq!(grpc.log.stats().started, 3);
+
+    let http_result = fetch_one(&mut client, "http", "1").await.unwrap();
+    assert_eq!(http_result.code, Code::Ok as i32, "{http_result:?}");
+    assert_eq!(http_result.attempts, 2);
+    assert_eq!(http.log.stats().started, 2);
+}
+
+#[tokio::test]
+async fn failures_unsafe_to_repeat_are_not_retried() {
+    let internal = Upstream::grpc()
+        .fail_with(Code::Internal, "boom")
+        .start()
+        .await;
+    let post = Upstream::http().fail_first(5, 503, None).start().await;
+    let gateway = Gateway::start(&format!(
+        "[defaults]\nretry = {{ attempts = 5, backoff = \"1ms\" }}\n{}{}method = \"POST\"\nbody = {{ id = \"{{user_id}}\" }}\n{}{}",
+        grpc_source("internal", &internal),
+        http_source("post", &post, "/u"),
+        aggregation("internal", &["internal"], ""),
+        aggregation("post", &["post"], ""),
+    ))
+    .await;
+    let mut client = gateway.client().await;
+
+    let result = fetch_one(&mut client, "internal", "1").await.unwrap();
+    assert_eq!((result.code, result.attempts), (Code::Internal as i32, 1));
+    // A POST inherits no retries: it may not be safe to send twice.
+    let result = fetch_one(&mut client, "post", "1").await.unwrap();
+    assert_eq!(
+        (result.code, result.attempts),
+        (Code::Unavailable as i32, 1)
+    );
+    assert_eq!(post.log.stats().started, 1);
+}
+
+#[tokio::test]
+async fn retries_stop_before_the_deadline() {
+    let down = Upstream::grpc()
+        .delay(Duration::from_millis(20))
+        .fail_with(Code::Unavailable, "down")
+        .start()
+        .await;
+    let gateway = Gateway::start(&format!(
+        "{}retry = {{ attempts = 1000, backoff = \"10ms\", max_backoff = \"10ms\", budget = 10.0 }}\n{}",
+        grpc_source("down", &down),
+        aggregation("down", &["down"], "timeout = \"300ms\""),
+    ))
+    .await;
+    let mut client = gateway.client().await;
+
+    let t0 = Instant::now();
+    let result = fetch_one(&mut client, "down", "1").await.unwrap();
+    let elapsed = t0.elapsed();
+    // The last failure is reported, not the deadline: no attempt was started
+    // that could not end in time.
+    assert_eq!(result.code, Code::Unavailable as i32, "{result:?}");
+    assert!(elapsed < Duration::from_millis(300), "{elapsed:?}");
+    let sent = down.log.stats().started;
+    assert_eq!(result.attempts, sent);
+    // Each attempt takes 20 ms and waits at most 10 ms: about 10 fit.
+    assert!((5..=15).contains(&sent), "{sent} attempts in 300 ms");
+    assert_eq!(down.log.stats().cancelled, 0, "no attempt was cut off");
+}
+
+#[tokio::test]
+async fn retry_after_is_waited_for() {
+    let busy = Upstream::http().fail_first(1, 429, Some("1")).start().await;
+    let gateway = Gateway::start(&format!(
+        "{}retry = {{ attempts = 2, backoff = \"1ms\" }}\n{}",
+        http_source("busy", &busy, "/u"),
+        aggregation("busy", &["busy"], ""),
+    ))
+    .await;
+    let mut client = gateway.client().await;
+
+    let t0 = Instant::now();
+    let result = fetch_one(&mut client, "busy", "1").await.unwrap();
+    assert_eq!((result.code, result.attempts), (Code::Ok as i32, 2));
+    assert!(t0.elapsed() >= Duration::from_secs(1), "{:?}", t0.elapsed());
+}
+
+#[tokio::test]
+async fn the_retry_budget_stops_a_retry_storm() {
+    let down = Upstream::grpc()
+        .fail_with(Code::Unavailable, "down")
+        .start()
+        .await;
+    let gateway = Gateway::start(&format!(
+        "{}retry = {{ attempts = 3, backoff = \"1ms\", budget = 0.1, min_per_second = 0 }}\n{}",
+        grpc_source("down", &down),
+        aggregation("down", &["down"], ""),
+    ))
+    .await;
+    let mut client = gateway.client().await;
+
+    let mut attempts = 0;
+    for i in 0..50 {
+        let result = fetch_one(&mut client, "down", &i.to_string())
+            .await
+            .unwrap();
+        assert_eq!(result.code, Code::Unavailable as i32);
+        attempts += result.attempts;
+    }
+    // Without a budget: 150 requests. With 10% of requests: about 55.
+    let sent = down.log.stats().started;
+    assert_eq!(attempts, sent);
+    assert!((50..=56).contains(&sent), "{sent} requests for 50 calls");
+}

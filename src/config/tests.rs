@@ -762,3 +762,91 @@ fn fallback_is_any_json_value() {
         Some(serde_json::json!("n/a"))
     );
 }
+
+#[test]
+fn retry_defaults_and_inheritance() {
+    let config = parse(&format!(
+        "[defaults]\nretry = {{ attempts = 3 }}\n{TWO_SOURCES}retry = {{ attempts = 2, backoff = \"5ms\", max_backoff = \"50ms\", on = [\"503\", \"connect\"], budget = 0.5, min_per_second = 1 }}\n"
+    ))
+    .unwrap();
+    let a = source(&config, "a").retry.clone().unwrap();
+    assert_eq!(
+        a,
+        RetrySpec {
+            attempts: 3,
+            backoff: Duration::from_millis(25),
+            max_backoff: Duration::from_secs(1),
+            on: RetryOn::ALL,
+            budget: 0.2,
+            min_per_second: 10,
+        }
+    );
+    let b = source(&config, "b").retry.clone().unwrap();
+    assert_eq!(b.attempts, 2);
+    assert_eq!(
+        b.on,
+        RetryOn::parse(&["connect".into(), "503".into()]).unwrap()
+    );
+    assert!(b.on.contains("503") && !b.on.contains("unavailable"));
+}
+
+#[test]
+fn retries_are_only_for_requests_safe_to_repeat() {
+    // Inherited by a POST: dropped.
+    let config = parse(&format!(
+        "[defaults]\nretry = {{ attempts = 3 }}\n{}",
+        http_source("method = \"POST\"")
+    ))
+    .unwrap();
+    assert_eq!(source(&config, "p").retry, None);
+    // Written on it: refused, unless it says it is idempotent.
+    assert_invalid(
+        parse(&http_source("method = \"POST\"\nretry = { attempts = 3 }")),
+        "sources.p.retry",
+        "POST is not safe to repeat",
+    );
+    let config = parse(&http_source(
+        "method = \"POST\"\nidempotent = true\nretry = { attempts = 3 }",
+    ))
+    .unwrap();
+    assert!(source(&config, "p").retry.is_some());
+    // And a gRPC method may say it is not.
+    let config = parse(&format!(
+        "[defaults]\nretry = {{ attempts = 3 }}\n{}",
+        grpc_source("idempotent = false")
+    ))
+    .unwrap();
+    assert_eq!(source(&config, "p").retry, None);
+}
+
+#[test]
+fn bad_retry_settings_are_refused() {
+    assert_invalid(
+        parse(&http_source("retry = { attempts = 0 }")),
+        "sources.p.retry.attempts",
+        "at least 1",
+    );
+    assert_invalid(
+        parse(&http_source("retry = { attempts = 2, on = [\"500\"] }")),
+        "sources.p.retry.on",
+        "`500` is not a failure safe to retry",
+    );
+    assert_invalid(
+        parse(&http_source(
+            "retry = { attempts = 2, backoff = \"2s\", max_backoff = \"1s\" }",
+        )),
+        "sources.p.retry.backoff",
+        "must not exceed",
+    );
+    assert_invalid(
+        parse(&format!(
+            "[defaults]\nretry = {{ attempts = 2, budget = -1.0 }}\n{HTTP_SOURCE}"
+        )),
+        "defaults.retry.budget",
+        "fraction",
+    );
+    assert_parse_error(
+        &http_source("retry = { attempts = 2, tries = 3 }"),
+        &["unknown field `tries`"],
+    );
+}

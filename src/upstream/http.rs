@@ -1,7 +1,7 @@
 //! HTTP/JSON upstreams over one pooled hyper client. Bodies are read up to the
 //! source's size cap and must be JSON.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{Request, StatusCode, header};
@@ -50,6 +50,19 @@ pub fn prepare(spec: &HttpSpec, params: &Params) -> Result<Request<Full<Bytes>>,
     Ok(builder.body(body).expect("rendered request is valid"))
 }
 
+/// `Retry-After` as delay-seconds or an HTTP date; a date in the past is no
+/// wait at all.
+fn retry_after(value: &str) -> Option<Duration> {
+    if let Ok(seconds) = value.trim().parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
+}
+
 pub async fn call(
     client: &HttpClient,
     request: Request<Full<Bytes>>,
@@ -61,7 +74,13 @@ pub async fn call(
         .map_err(|e| SourceError::from_transport(&e))?;
     let status = response.status();
     if !status.is_success() {
-        return Err(SourceError::Http(status));
+        return Err(SourceError::Http {
+            status,
+            retry_after: response
+                .headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|v| retry_after(v.to_str().ok()?)),
+        });
     }
     let declared = response
         .headers()

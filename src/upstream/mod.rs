@@ -8,16 +8,22 @@ pub mod grpc;
 pub mod http;
 pub mod schema;
 
-use std::sync::Arc;
+use std::sync::{
+    Arc,
+    atomic::{AtomicU32, Ordering::Relaxed},
+};
 
 use bytes::Bytes;
 use http_body_util::Full;
+
+use tokio::time::Instant;
 
 use crate::{
     bulkhead::Bulkhead,
     config::{SourceKind, SourceSpec},
     deadline::Deadline,
     error::SourceError,
+    retry::{Decision, Retrier},
     template::{Params, RenderError},
 };
 
@@ -29,6 +35,7 @@ pub struct Source {
     client: Client,
     /// The cap on this source's requests in flight, if configured.
     bulkhead: Option<Bulkhead>,
+    retry: Option<Retrier>,
 }
 
 enum Client {
@@ -53,6 +60,7 @@ impl Source {
         Self {
             params: spec.params(),
             bulkhead: spec.max_concurrent.map(Bulkhead::new),
+            retry: spec.retry.clone().map(Retrier::new),
             spec,
             client,
         }
@@ -69,15 +77,19 @@ impl Source {
         })
     }
 
-    /// Sends the request; the source's own timeout, if shorter, bounds it
-    /// (dropping the future aborts the request on the wire).
+    /// Sends the request, and again on the failures its retry policy allows.
+    /// The source's own timeout, if shorter than the deadline, bounds all of
+    /// it (dropping the future aborts the request on the wire). Returns the
+    /// result and the number of requests sent.
     pub async fn call(
         &self,
         prepared: Prepared,
         deadline: Deadline,
-    ) -> Result<serde_json::Value, SourceError> {
+    ) -> (Result<serde_json::Value, SourceError>, u32) {
         let own = self.spec.timeout.filter(|t| *t < deadline.remaining());
         let deadline = own.map_or(deadline, |t| deadline.cap(t));
+        // Outlives `send`, which the source's timeout may drop mid-attempt.
+        let sent = AtomicU32::new(0);
         let send = async {
             // Waiting for a slot counts against the source's time; the slot
             // is held until the response is read or the call is dropped.
@@ -85,12 +97,36 @@ impl Source {
                 Some(b) => Some(b.enter(deadline).await.map_err(SourceError::Overloaded)?),
                 None => None,
             };
-            match (&self.client, prepared) {
-                (Client::Grpc(g), Prepared::Grpc(json)) => g.call(json, deadline).await,
-                (Client::Http(c), Prepared::Http(req)) => {
-                    http::call(c, *req, self.spec.max_response_bytes).await
+            let Some(retrier) = &self.retry else {
+                sent.store(1, Relaxed);
+                return self.send(prepared, deadline).await;
+            };
+            let mut attempts = retrier.start();
+            let mut prepared = Some(prepared);
+            loop {
+                attempts.sending();
+                sent.store(attempts.sent(), Relaxed);
+                // Keep the request while a failure could still be retried.
+                let request = match attempts.may_retry() {
+                    true => prepared.clone(),
+                    false => prepared.take(),
                 }
-                _ => unreachable!("prepared by the same source"),
+                .expect("kept until the last attempt");
+                let t0 = Instant::now();
+                let error = match self.send(request, deadline).await {
+                    Ok(value) => return Ok(value),
+                    Err(error) => error,
+                };
+                match attempts.after_failure(&error, t0.elapsed(), deadline, fastrand::f64()) {
+                    Decision::RetryAfter(wait) => {
+                        tracing::debug!(source = %self.spec.name, attempt = attempts.sent(), ?wait, %error, "retrying");
+                        tokio::time::sleep(wait).await;
+                    }
+                    Decision::Stop(why) => {
+                        tracing::debug!(source = %self.spec.name, attempts = attempts.sent(), ?why, %error, "not retrying");
+                        return Err(error);
+                    }
+                }
             }
         };
         let result = match own {
@@ -99,11 +135,44 @@ impl Source {
                 .await
                 .unwrap_or(Err(SourceError::Timeout(t))),
         };
-        match (own, result) {
+        let result = match (own, result) {
             // A gRPC channel enforces the budget it forwards, so its failure
             // may win the race against our timer: it is still this timeout.
             (Some(t), Err(_)) if deadline.is_expired() => Err(SourceError::Timeout(t)),
             (_, result) => result,
+        };
+        (result, sent.into_inner())
+    }
+
+    /// One attempt.
+    async fn send(
+        &self,
+        prepared: Prepared,
+        deadline: Deadline,
+    ) -> Result<serde_json::Value, SourceError> {
+        match (&self.client, prepared) {
+            (Client::Grpc(g), Prepared::Grpc(json)) => g.call(json, deadline).await,
+            (Client::Http(c), Prepared::Http(req)) => {
+                http::call(c, *req, self.spec.max_response_bytes).await
+            }
+            _ => unreachable!("prepared by the same source"),
+        }
+    }
+}
+
+impl Clone for Prepared {
+    /// For a retry; `http::Request` itself is not `Clone` (extensions).
+    fn clone(&self) -> Self {
+        match self {
+            Self::Grpc(json) => Self::Grpc(json.clone()),
+            Self::Http(request) => {
+                let mut copy = ::http::Request::new(request.body().clone());
+                *copy.method_mut() = request.method().clone();
+                *copy.uri_mut() = request.uri().clone();
+                *copy.version_mut() = request.version();
+                *copy.headers_mut() = request.headers().clone();
+                Self::Http(Box::new(copy))
+            }
         }
     }
 }

@@ -151,6 +151,8 @@ impl Upstream {
 pub struct GrpcUpstream {
     delay: Duration,
     fail: Option<(Code, String)>,
+    /// Only the first this many requests fail (with `fail`); 0 = all.
+    fail_first: u32,
     no_reflection: bool,
 }
 
@@ -162,6 +164,13 @@ impl GrpcUpstream {
 
     pub fn fail_with(mut self, code: Code, message: &str) -> Self {
         self.fail = Some((code, message.to_owned()));
+        self
+    }
+
+    /// Fails the first `n` requests with `code`, then answers normally.
+    pub fn fail_first(mut self, n: u32, code: Code) -> Self {
+        self.fail = Some((code, format!("failing the first {n} requests")));
+        self.fail_first = n;
         self
     }
 
@@ -216,9 +225,11 @@ impl Profiles for TestProfiles {
             target: user_id.clone(),
             headers,
         });
+        let nth = self.log.stats().started;
         tokio::time::sleep(self.behaviour.delay).await;
         in_flight.finish();
-        if let Some((code, message)) = &self.behaviour.fail {
+        let failing = self.behaviour.fail_first == 0 || nth <= self.behaviour.fail_first;
+        if let Some((code, message)) = self.behaviour.fail.as_ref().filter(|_| failing) {
             return Err(tonic::Status::new(*code, message.clone()));
         }
         Ok(tonic::Response::new(Profile {
@@ -237,6 +248,8 @@ pub struct HttpUpstream {
     body: Bytes,
     /// Never answer (the handler waits until the client goes away).
     hang: bool,
+    /// The first `.0` requests get status `.1`, with `Retry-After: .2` if set.
+    fail_first: Option<(u32, StatusCode, Option<&'static str>)>,
 }
 
 impl Default for HttpUpstream {
@@ -246,6 +259,7 @@ impl Default for HttpUpstream {
             status: StatusCode::OK,
             body: Bytes::from_static(br#"{"ok":true}"#),
             hang: false,
+            fail_first: None,
         }
     }
 }
@@ -275,6 +289,12 @@ impl HttpUpstream {
         self
     }
 
+    /// Answers the first `n` requests with `status` (and `Retry-After`).
+    pub fn fail_first(mut self, n: u32, status: u16, retry_after: Option<&'static str>) -> Self {
+        self.fail_first = Some((n, StatusCode::from_u16(status).unwrap(), retry_after));
+        self
+    }
+
     pub async fn start(self) -> Running {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -296,10 +316,22 @@ impl HttpUpstream {
                 if behaviour.hang {
                     std::future::pending::<()>().await;
                 }
+                let nth = log.stats().started;
                 tokio::time::sleep(behaviour.delay).await;
                 in_flight.finish();
                 let mut response = Response::new(Full::new(behaviour.body.clone()));
                 *response.status_mut() = behaviour.status;
+                if let Some((n, status, retry_after)) = behaviour.fail_first {
+                    if nth <= n {
+                        *response.status_mut() = status;
+                        if let Some(value) = retry_after {
+                            response.headers_mut().insert(
+                                http::header::RETRY_AFTER,
+                                http::HeaderValue::from_static(value),
+                            );
+                        }
+                    }
+                }
                 Ok::<_, Infallible>(response)
             }
         }));
