@@ -343,7 +343,9 @@ def parse_seconds(text):
 def gateway_config(sets, fanout=None):
     """One gRPC and one HTTP source per upstream set, a 2-source aggregation
     over each, and 16 alternating sources for the fan-out aggregations."""
-    out = ['[server]\nlisten = "127.0.0.1:0"\ndrain_timeout = "1s"\n']
+    # Every call asks for the same user: coalescing would answer most of
+    # them from another's request, so it is off to measure the full path.
+    out = ['[server]\nlisten = "127.0.0.1:0"\ndrain_timeout = "1s"\n[defaults]\ncoalesce = false\n']
 
     def grpc(name, addr):
         out.append(

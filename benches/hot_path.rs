@@ -88,6 +88,7 @@ fn merge(c: &mut Criterion) {
         result: Ok(data.clone()),
         elapsed: Duration::from_micros(5_100),
         attempts: 1,
+        coalesced: false,
         fallback: None,
     };
     c.bench_function("merge/aggregate_response_2_sources", |b| {

@@ -135,7 +135,7 @@ fn source_result(outcome: Outcome) -> (SourceResult, Option<Value>) {
         data: None,
         elapsed: prost_types::Duration::try_from(outcome.elapsed).ok(),
         attempts: outcome.attempts,
-        coalesced: false,
+        coalesced: outcome.coalesced,
         skipped: false,
     };
     (result, value)

@@ -94,6 +94,7 @@ struct DefaultsModel {
     #[serde(default, with = "humantime_serde")]
     queue_timeout: Option<Duration>,
     retry: Option<RetryModel>,
+    coalesce: Option<bool>,
 }
 
 /// `retry = { ... }` of a source or of `[defaults]`.
@@ -156,6 +157,7 @@ struct SourceModel {
     fallback: Option<toml::Value>,
     retry: Option<RetryModel>,
     idempotent: Option<bool>,
+    coalesce: Option<bool>,
     /// gRPC: `package.Service/Method`; HTTP: the request method.
     method: Option<String>,
     // gRPC only
@@ -247,6 +249,8 @@ pub struct SourceSpec {
     pub fallback: Option<serde_json::Value>,
     /// Retries; only ever set on a source that is safe to repeat.
     pub retry: Option<RetrySpec>,
+    /// Whether identical concurrent calls share one upstream request.
+    pub coalesce: bool,
     pub kind: SourceKind,
 }
 
@@ -448,11 +452,7 @@ impl Validator<'_> {
             (None, None) => return Ok(None),
         };
         let method = model.method.as_deref().unwrap_or("GET");
-        let safe = model.idempotent.unwrap_or(match model.kind {
-            SourceKindModel::Grpc => true,
-            SourceKindModel::Http => matches!(method, "GET" | "HEAD" | "PUT" | "DELETE"),
-        });
-        if !safe {
+        if !safe_to_repeat(model) {
             return match model.retry {
                 Some(_) => Err(self.err(
                     format!("sources.{name}.retry"),
@@ -566,6 +566,16 @@ impl Validator<'_> {
             model.queue_timeout.or(d.queue_timeout),
         )?;
         let retry = self.retry(&name, &model)?;
+        // On by default for reads (gRPC methods not marked `idempotent =
+        // false`, HTTP GET and HEAD); other sources only by their own say.
+        let read = match model.kind {
+            SourceKindModel::Grpc => model.idempotent.unwrap_or(true),
+            SourceKindModel::Http => matches!(model.method.as_deref(), None | Some("GET" | "HEAD")),
+        };
+        let coalesce = match model.coalesce {
+            Some(own) => own,
+            None => self.defaults.coalesce.unwrap_or(true) && read,
+        };
         let fallback = model
             .fallback
             .as_ref()
@@ -678,6 +688,7 @@ impl Validator<'_> {
             max_concurrent,
             fallback,
             retry,
+            coalesce,
             kind,
         })
     }
@@ -780,6 +791,17 @@ impl Validator<'_> {
 }
 
 /// TOML to JSON; datetimes and non-finite floats have no JSON form.
+/// gRPC methods, and HTTP GET/HEAD/PUT/DELETE, unless `idempotent` says otherwise.
+fn safe_to_repeat(model: &SourceModel) -> bool {
+    model.idempotent.unwrap_or(match model.kind {
+        SourceKindModel::Grpc => true,
+        SourceKindModel::Http => matches!(
+            model.method.as_deref().unwrap_or("GET"),
+            "GET" | "HEAD" | "PUT" | "DELETE"
+        ),
+    })
+}
+
 fn toml_to_json(value: &toml::Value) -> Result<serde_json::Value, String> {
     use serde_json::Value as J;
     Ok(match value {

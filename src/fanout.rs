@@ -14,7 +14,7 @@ use crate::{
     config::Mode,
     deadline::Deadline,
     error::{Error, SourceError},
-    upstream::{Prepared, Source},
+    upstream::{Fetched, Prepared, Source},
 };
 
 /// The outcome of one source.
@@ -26,6 +26,8 @@ pub struct Outcome {
     pub elapsed: Duration,
     /// Requests sent to the upstream.
     pub attempts: u32,
+    /// Whether it shared an identical call already in flight.
+    pub coalesced: bool,
     /// The source's configured stand-in data, when it failed.
     pub fallback: Option<serde_json::Value>,
 }
@@ -38,7 +40,7 @@ pub struct Failure {
 }
 
 /// One source to call: the source, whether it is optional, its rendered request.
-pub type Dispatch<'a> = (&'a Source, bool, Prepared);
+pub type Dispatch<'a> = (&'a Arc<Source>, bool, Prepared);
 
 /// Calls every source concurrently. Results come back in the order given.
 pub async fn run(
@@ -53,7 +55,11 @@ pub async fn run(
         .enumerate()
         .map(|(i, (source, optional, prepared))| async move {
             let t0 = Instant::now();
-            let (result, sent) = source.call(prepared, deadline).await;
+            let Fetched {
+                result,
+                sent,
+                coalesced,
+            } = source.fetch(prepared, deadline).await;
             let attempts = match &result {
                 // Nothing was sent: the request could not be built, or the
                 // source was at capacity.
@@ -74,6 +80,7 @@ pub async fn run(
                 result,
                 elapsed: t0.elapsed(),
                 attempts,
+                coalesced,
                 fallback,
             };
             (i, outcome)

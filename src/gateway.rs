@@ -92,7 +92,7 @@ impl Gateway {
         let mut dispatch = Vec::with_capacity(selected.len());
         for (source, optional) in &selected {
             check_params(source, call.params)?;
-            dispatch.push((&**source, *optional, source.prepare(call.params)?));
+            dispatch.push((source, *optional, source.prepare(call.params)?));
         }
         let deadline = match call.deadline {
             Some(d) => d.cap(agg.timeout),

@@ -23,6 +23,7 @@
 
 pub mod api;
 pub mod bulkhead;
+pub mod coalesce;
 pub mod config;
 pub mod deadline;
 pub mod demo;

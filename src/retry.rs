@@ -105,8 +105,9 @@ impl Attempts<'_> {
             .min(spec.max_backoff)
             .mul_f64(jitter.clamp(0.0, 1.0));
         let wait = backoff.max(retry_after.unwrap_or_default());
-        // The last attempt's duration is the best guess of the next one's.
-        if wait.saturating_add(took) >= deadline.remaining() {
+        // The last attempt's duration is the best guess of the next one's;
+        // allow it twice that, since an upstream in trouble slows down.
+        if wait.saturating_add(took.saturating_mul(2)) >= deadline.remaining() {
             return Decision::Stop(Stop::NoTime);
         }
         if !self.retrier.budget.withdraw() {

@@ -2,13 +2,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use aggregator::pb::aggregator::v1::{
-    AggregateRequest, FetchAllRequest, Mode, aggregator_client::AggregatorClient,
-};
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
-};
+use aggregator::pb::aggregator::v1::{AggregateRequest, FetchAllRequest, Mode};
 use prost_types::{Value, value::Kind};
 use support::*;
 use tonic::Code;
@@ -32,16 +26,6 @@ fn fetch(aggregation: &str, sources: &[&str], mode: Mode) -> FetchAllRequest {
 
 fn config(parts: &[String]) -> String {
     parts.concat()
-}
-
-/// A client that sends `grpc-timeout` but does not enforce it itself: tonic's
-/// `Channel` answers CANCELLED locally when the deadline passes, which would
-/// hide what the gateway answers.
-fn lenient_client(gateway: &Gateway) -> AggregatorClient<Client<HttpConnector, tonic::body::Body>> {
-    let client = Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build_http();
-    AggregatorClient::with_origin(client, gateway.endpoint().parse().unwrap())
 }
 
 /// Decodes a `grpc-timeout` value (at most 8 digits and a unit).
@@ -150,7 +134,7 @@ async fn a_slow_source_fails_the_call_at_the_callers_deadline_and_is_cancelled()
         aggregation("dash", &["profile", "orders"], ""),
     ]))
     .await;
-    let mut client = lenient_client(&gateway);
+    let mut client = gateway.lenient_client();
 
     let started = Instant::now();
     let status = client

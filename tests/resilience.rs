@@ -19,6 +19,9 @@ use tonic_types::StatusExt;
 /// refused without reaching the upstream.
 const SLOW: Duration = Duration::from_secs(1);
 
+/// Far longer than any wait for an upstream to see a request.
+const QUICK_WAIT: Duration = Duration::from_secs(5);
+
 fn request(aggregation: &str, user_id: &str) -> AggregateRequest {
     AggregateRequest {
         aggregation: aggregation.into(),
@@ -410,4 +413,219 @@ async fn the_retry_budget_stops_a_retry_storm() {
     let sent = down.log.stats().started;
     assert_eq!(attempts, sent);
     assert!((50..=56).contains(&sent), "{sent} requests for 50 calls");
+}
+
+// ---- request coalescing ----
+
+fn coalesced_count(answer: &AggregateResponse, source: &str) -> usize {
+    answer
+        .sources
+        .iter()
+        .filter(|s| s.source == source && s.coalesced)
+        .count()
+}
+
+#[tokio::test]
+async fn a_thundering_herd_reaches_each_upstream_once() {
+    let delay = Duration::from_millis(200);
+    let profile = Upstream::grpc().delay(delay).start().await;
+    let orders = Upstream::http().delay(delay).start().await;
+    let gateway = Gateway::start(&format!(
+        "{}{}{}",
+        grpc_source("profile", &profile),
+        http_source("orders", &orders, "/users/{user_id}/orders"),
+        aggregation("dash", &["profile", "orders"], ""),
+    ))
+    .await;
+    let client = gateway.client().await;
+
+    let answers: Vec<AggregateResponse> = join_all((0..100).map(|_| {
+        let mut client = client.clone();
+        async move { client.aggregate(request("dash", "42")).await }
+    }))
+    .await
+    .into_iter()
+    .map(|r| r.expect("every caller is answered").into_inner())
+    .collect();
+    assert_eq!(profile.log.stats().started, 1);
+    assert_eq!(orders.log.stats().started, 1);
+    let first = &answers[0].data;
+    assert!(
+        answers.iter().all(|a| &a.data == first),
+        "one answer for all"
+    );
+    for source in ["profile", "orders"] {
+        let joined: usize = answers.iter().map(|a| coalesced_count(a, source)).sum();
+        assert_eq!(joined, 99, "{source}");
+    }
+}
+
+#[tokio::test]
+async fn the_caller_that_started_a_shared_call_can_leave_without_failing_the_others() {
+    let upstream = Upstream::grpc()
+        .delay(Duration::from_millis(300))
+        .start()
+        .await;
+    let gateway = Gateway::start(&format!(
+        "{}{}",
+        grpc_source("p", &upstream),
+        aggregation("p", &["p"], "")
+    ))
+    .await;
+    let client = gateway.client().await;
+
+    let starter = tokio::spawn({
+        let mut client = client.clone();
+        async move { client.aggregate(request("p", "1")).await }
+    });
+    assert!(upstream.log.wait_for(QUICK_WAIT, |s| s.started == 1).await);
+    let others = tokio::spawn({
+        let client = client.clone();
+        async move {
+            join_all((0..2).map(|_| {
+                let mut client = client.clone();
+                async move { client.aggregate(request("p", "1")).await }
+            }))
+            .await
+        }
+    });
+    // Let them join, then cancel the starter (its RPC is reset).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    starter.abort();
+    for answer in others.await.unwrap() {
+        let answer = answer.expect("the others are still answered").into_inner();
+        assert_eq!(coalesced_count(&answer, "p"), 1);
+    }
+    let stats = upstream.log.stats();
+    assert_eq!((stats.started, stats.cancelled), (1, 0), "{stats:?}");
+}
+
+#[tokio::test]
+async fn a_shared_call_is_cancelled_upstream_when_its_last_caller_leaves() {
+    let upstream = Upstream::http().hang().start().await;
+    let gateway = Gateway::start(&format!(
+        "{}{}",
+        http_source("stuck", &upstream, "/u/{user_id}"),
+        aggregation("stuck", &["stuck"], "")
+    ))
+    .await;
+    let client = gateway.client().await;
+
+    let callers: Vec<_> = (0..3)
+        .map(|_| {
+            let mut client = client.clone();
+            tokio::spawn(async move { client.aggregate(request("stuck", "1")).await })
+        })
+        .collect();
+    assert!(upstream.log.wait_for(QUICK_WAIT, |s| s.started == 1).await);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for caller in &callers[..2] {
+        caller.abort();
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(upstream.log.stats().cancelled, 0, "one caller still waits");
+    let t0 = Instant::now();
+    callers[2].abort();
+    assert!(
+        upstream
+            .log
+            .wait_for(QUICK_WAIT, |s| s.cancelled == 1)
+            .await,
+        "the upstream request was not cancelled"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_millis(200),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(upstream.log.stats().started, 1);
+}
+
+#[tokio::test]
+async fn waiters_with_time_left_get_a_fresh_call_when_the_shared_one_expires() {
+    let upstream = Upstream::grpc()
+        .delay(Duration::from_millis(300))
+        .start()
+        .await;
+    let gateway = Gateway::start(&format!(
+        "{}{}",
+        grpc_source("p", &upstream),
+        aggregation("p", &["p"], "")
+    ))
+    .await;
+    let client = gateway.client().await;
+
+    let short = tokio::spawn({
+        let mut client = gateway.lenient_client();
+        async move {
+            let request = with_timeout(request("p", "1"), Duration::from_millis(150));
+            client.aggregate(request).await
+        }
+    });
+    assert!(upstream.log.wait_for(QUICK_WAIT, |s| s.started == 1).await);
+    let t0 = Instant::now();
+    let long = client.clone().aggregate(request("p", "1")).await;
+    let status = short.await.unwrap().expect_err("the short deadline passed");
+    assert_eq!(status.code(), Code::DeadlineExceeded);
+    let answer = long
+        .expect("a fresh call under its own budget")
+        .into_inner();
+    assert!(answer.complete);
+    assert!(
+        t0.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(upstream.log.stats().started, 2);
+    // The first request carried the short budget.
+    let first = &upstream.log.requests()[0];
+    let timeout = first.headers["grpc-timeout"].to_str().unwrap();
+    assert!(
+        timeout.ends_with('m') || timeout.ends_with('u'),
+        "{timeout}"
+    );
+}
+
+#[tokio::test]
+async fn only_identical_reads_are_coalesced() {
+    let delay = Duration::from_millis(100);
+    let post = Upstream::http().delay(delay).start().await;
+    let off = Upstream::grpc().delay(delay).start().await;
+    let auth = Upstream::http().delay(delay).start().await;
+    let gateway = Gateway::start(&format!(
+        "{}method = \"POST\"\nbody = {{ id = \"{{user_id}}\" }}\n{}coalesce = false\n{}headers = {{ authorization = \"Bearer {{token}}\" }}\n{}{}{}",
+        http_source("post", &post, "/u"),
+        grpc_source("off", &off),
+        http_source("auth", &auth, "/u/{user_id}"),
+        aggregation("post", &["post"], ""),
+        aggregation("off", &["off"], ""),
+        aggregation("auth", &["auth"], ""),
+    ))
+    .await;
+    let client = gateway.client().await;
+
+    for name in ["post", "off"] {
+        let results = flood(&client, name, 5).await;
+        assert!(results.iter().all(|(r, _)| r.is_ok()));
+    }
+    assert_eq!(
+        post.log.stats().started,
+        5,
+        "POST is not coalesced by default"
+    );
+    assert_eq!(off.log.stats().started, 5, "coalesce = false");
+
+    // Different credentials never share a request.
+    join_all(["a", "b"].map(|token| {
+        let mut client = client.clone();
+        async move {
+            let request = AggregateRequest {
+                aggregation: "auth".into(),
+                params: params(&[("user_id", "1"), ("token", token)]),
+            };
+            client.aggregate(request).await.unwrap()
+        }
+    }))
+    .await;
+    assert_eq!(auth.log.stats().started, 2);
 }

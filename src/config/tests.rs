@@ -850,3 +850,21 @@ fn bad_retry_settings_are_refused() {
         &["unknown field `tries`"],
     );
 }
+
+#[test]
+fn coalescing_is_on_for_reads_and_only_a_source_turns_it_on_for_writes() {
+    let on = |extra: &str, defaults: &str| {
+        let text = format!("{defaults}{}", http_source(extra));
+        source(&parse(&text).unwrap(), "p").coalesce
+    };
+    assert!(on("", ""));
+    assert!(on("method = \"HEAD\"", ""));
+    assert!(!on("method = \"PUT\"", ""));
+    assert!(!on("method = \"POST\"", "[defaults]\ncoalesce = true\n"));
+    assert!(on("method = \"POST\"\ncoalesce = true", ""));
+    assert!(!on("", "[defaults]\ncoalesce = false\n"));
+    let grpc = |extra: &str| source(&parse(&grpc_source(extra)).unwrap(), "p").coalesce;
+    assert!(grpc(""));
+    assert!(!grpc("idempotent = false"));
+    assert!(!grpc("coalesce = false"));
+}

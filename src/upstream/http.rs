@@ -28,7 +28,9 @@ pub fn client() -> HttpClient {
 
 static JSON: header::HeaderValue = header::HeaderValue::from_static("application/json");
 
-pub fn prepare(spec: &HttpSpec, params: &Params) -> Result<Request<Full<Bytes>>, RenderError> {
+/// The rendered request; the body stays plain bytes so that the request can
+/// be copied for a retry and keyed for coalescing.
+pub fn prepare(spec: &HttpSpec, params: &Params) -> Result<Request<Bytes>, RenderError> {
     let uri = spec.url.render(params)?;
     let mut builder = Request::builder()
         .method(spec.method.clone())
@@ -40,11 +42,9 @@ pub fn prepare(spec: &HttpSpec, params: &Params) -> Result<Request<Full<Bytes>>,
     let body = match &spec.body {
         Some(body) => {
             builder = builder.header(header::CONTENT_TYPE, JSON.clone());
-            Full::new(Bytes::from(
-                serde_json::to_vec(&body.render(params)?).expect("JSON values serialize"),
-            ))
+            Bytes::from(serde_json::to_vec(&body.render(params)?).expect("JSON values serialize"))
         }
-        None => Full::default(),
+        None => Bytes::new(),
     };
     // Parameters were percent-encoded and header values checked, so this holds.
     Ok(builder.body(body).expect("rendered request is valid"))
@@ -65,11 +65,11 @@ fn retry_after(value: &str) -> Option<Duration> {
 
 pub async fn call(
     client: &HttpClient,
-    request: Request<Full<Bytes>>,
+    request: Request<Bytes>,
     limit: usize,
 ) -> Result<serde_json::Value, SourceError> {
     let response = client
-        .request(request)
+        .request(request.map(Full::new))
         .await
         .map_err(|e| SourceError::from_transport(&e))?;
     let status = response.status();

@@ -14,12 +14,12 @@ use std::sync::{
 };
 
 use bytes::Bytes;
-use http_body_util::Full;
 
 use tokio::time::Instant;
 
 use crate::{
     bulkhead::Bulkhead,
+    coalesce::{Coalescer, Role},
     config::{SourceKind, SourceSpec},
     deadline::Deadline,
     error::SourceError,
@@ -36,6 +36,16 @@ pub struct Source {
     /// The cap on this source's requests in flight, if configured.
     bulkhead: Option<Bulkhead>,
     retry: Option<Retrier>,
+    coalescer: Option<Coalescer>,
+}
+
+/// What one source call came to.
+pub struct Fetched {
+    pub result: Result<serde_json::Value, SourceError>,
+    /// Requests sent upstream for it (by the shared call, if coalesced).
+    pub sent: u32,
+    /// Whether it joined an identical call already in flight.
+    pub coalesced: bool,
 }
 
 enum Client {
@@ -46,7 +56,7 @@ enum Client {
 /// A rendered request, ready to send.
 pub enum Prepared {
     Grpc(serde_json::Value),
-    Http(Box<::http::Request<Full<Bytes>>>),
+    Http(Box<::http::Request<Bytes>>),
 }
 
 impl Source {
@@ -61,6 +71,7 @@ impl Source {
             params: spec.params(),
             bulkhead: spec.max_concurrent.map(Bulkhead::new),
             retry: spec.retry.clone().map(Retrier::new),
+            coalescer: spec.coalesce.then(Coalescer::default),
             spec,
             client,
         }
@@ -75,6 +86,35 @@ impl Source {
             SourceKind::Grpc(g) => Prepared::Grpc(g.request.render(params)?),
             SourceKind::Http(h) => Prepared::Http(Box::new(http::prepare(h, params)?)),
         })
+    }
+
+    /// Calls the source, sharing the request with identical calls in flight
+    /// when it coalesces.
+    pub async fn fetch(self: &Arc<Self>, prepared: Prepared, deadline: Deadline) -> Fetched {
+        let Some(coalescer) = &self.coalescer else {
+            let (result, sent) = self.call(prepared, deadline).await;
+            return Fetched {
+                result,
+                sent,
+                coalesced: false,
+            };
+        };
+        let key = prepared.key();
+        let start = |deadline| {
+            let (source, prepared) = (self.clone(), prepared.clone());
+            async move { source.call(prepared, deadline).await }
+        };
+        let ((result, sent), role) = coalescer.call(&key, deadline, start).await;
+        Fetched {
+            result,
+            sent,
+            coalesced: role == Role::Joined,
+        }
+    }
+
+    /// Counters of request coalescing, if the source coalesces.
+    pub fn coalescing(&self) -> Option<crate::coalesce::Stats> {
+        self.coalescer.as_ref().map(Coalescer::stats)
     }
 
     /// Sends the request, and again on the failures its retry policy allows.
@@ -156,6 +196,33 @@ impl Source {
                 http::call(c, *req, self.spec.max_response_bytes).await
             }
             _ => unreachable!("prepared by the same source"),
+        }
+    }
+}
+
+impl Prepared {
+    /// The request as bytes, whole: calls with equal keys are identical
+    /// (method, URL or gRPC message, headers, body), so callers with
+    /// different credentials never share.
+    fn key(&self) -> Vec<u8> {
+        match self {
+            Self::Grpc(json) => serde_json::to_vec(json).expect("JSON values serialize"),
+            Self::Http(request) => {
+                let mut key = Vec::with_capacity(256);
+                for part in [request.method().as_str().as_bytes(), b" "] {
+                    key.extend_from_slice(part);
+                }
+                key.extend_from_slice(request.uri().to_string().as_bytes());
+                for (name, value) in request.headers() {
+                    key.push(b'\n');
+                    key.extend_from_slice(name.as_str().as_bytes());
+                    key.push(b':');
+                    key.extend_from_slice(value.as_bytes());
+                }
+                key.extend_from_slice(b"\n\n");
+                key.extend_from_slice(request.body());
+                key
+            }
         }
     }
 }

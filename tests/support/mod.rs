@@ -30,6 +30,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
     service::TowerToHyperService,
@@ -426,6 +427,16 @@ impl Gateway {
 
     pub async fn client(&self) -> AggregatorClient<Channel> {
         AggregatorClient::new(self.channel().await)
+    }
+
+    /// A client that sends `grpc-timeout` but does not enforce it itself:
+    /// tonic's `Channel` answers CANCELLED locally when the deadline passes,
+    /// which would hide what the gateway answers.
+    pub fn lenient_client(&self) -> AggregatorClient<Client<HttpConnector, tonic::body::Body>> {
+        let client = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+        AggregatorClient::with_origin(client, self.endpoint().parse().unwrap())
     }
 
     /// Signals shutdown and waits for `run` to return.
