@@ -89,6 +89,7 @@ fn merge(c: &mut Criterion) {
         elapsed: Duration::from_micros(5_100),
         attempts: 1,
         coalesced: false,
+        skipped: false,
         fallback: None,
     };
     c.bench_function("merge/aggregate_response_2_sources", |b| {

@@ -136,7 +136,7 @@ fn source_result(outcome: Outcome) -> (SourceResult, Option<Value>) {
         elapsed: prost_types::Duration::try_from(outcome.elapsed).ok(),
         attempts: outcome.attempts,
         coalesced: outcome.coalesced,
-        skipped: false,
+        skipped: outcome.skipped,
     };
     (result, value)
 }

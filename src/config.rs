@@ -95,6 +95,44 @@ struct DefaultsModel {
     queue_timeout: Option<Duration>,
     retry: Option<RetryModel>,
     coalesce: Option<bool>,
+    breaker: Option<BreakerModel>,
+}
+
+/// `breaker = { ... }` of a source or of `[defaults]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BreakerModel {
+    #[serde(default = "default_breaker_failures")]
+    failures: u32,
+    failure_ratio: Option<f64>,
+    #[serde(default = "default_breaker_min_calls")]
+    min_calls: u32,
+    #[serde(default = "default_breaker_window", with = "humantime_serde")]
+    window: Duration,
+    #[serde(default = "default_cool_down", with = "humantime_serde")]
+    cool_down: Duration,
+    #[serde(default = "default_max_cool_down", with = "humantime_serde")]
+    max_cool_down: Duration,
+}
+
+fn default_breaker_failures() -> u32 {
+    5
+}
+
+fn default_breaker_min_calls() -> u32 {
+    20
+}
+
+fn default_breaker_window() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_cool_down() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_max_cool_down() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// `retry = { ... }` of a source or of `[defaults]`.
@@ -158,6 +196,7 @@ struct SourceModel {
     retry: Option<RetryModel>,
     idempotent: Option<bool>,
     coalesce: Option<bool>,
+    breaker: Option<BreakerModel>,
     /// gRPC: `package.Service/Method`; HTTP: the request method.
     method: Option<String>,
     // gRPC only
@@ -251,7 +290,23 @@ pub struct SourceSpec {
     pub retry: Option<RetrySpec>,
     /// Whether identical concurrent calls share one upstream request.
     pub coalesce: bool,
+    pub breaker: Option<BreakerSpec>,
     pub kind: SourceKind,
+}
+
+/// When a source's circuit opens and how long it stays open.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BreakerSpec {
+    /// Consecutive failures that open it.
+    pub failures: u32,
+    /// Or this fraction of failed calls over `window`...
+    pub failure_ratio: Option<f64>,
+    /// ...once the window holds at least this many calls.
+    pub min_calls: u32,
+    pub window: Duration,
+    /// How long it stays open before a probe; doubles per failed probe.
+    pub cool_down: Duration,
+    pub max_cool_down: Duration,
 }
 
 /// When and how often a failed request is sent again.
@@ -491,6 +546,43 @@ impl Validator<'_> {
         }))
     }
 
+    fn breaker(&self, name: &str, model: &SourceModel) -> Result<Option<BreakerSpec>, ConfigError> {
+        let (b, table) = match (&model.breaker, &self.defaults.breaker) {
+            (Some(own), _) => (own, format!("sources.{name}.breaker")),
+            (None, Some(inherited)) => (inherited, "defaults.breaker".to_owned()),
+            (None, None) => return Ok(None),
+        };
+        let err = |field: &str, message: &str| self.err(format!("{table}.{field}"), message);
+        if b.failures < 1 {
+            return Err(err("failures", "must be at least 1"));
+        }
+        if b.failure_ratio.is_some_and(|r| !(r > 0.0 && r <= 1.0)) {
+            return Err(err(
+                "failure_ratio",
+                "expected a fraction above 0 and at most 1",
+            ));
+        }
+        if b.window.is_zero() || b.cool_down.is_zero() {
+            let field = if b.window.is_zero() {
+                "window"
+            } else {
+                "cool_down"
+            };
+            return Err(err(field, "must be greater than zero"));
+        }
+        if b.cool_down > b.max_cool_down {
+            return Err(err("cool_down", "must not exceed `max_cool_down`"));
+        }
+        Ok(Some(BreakerSpec {
+            failures: b.failures,
+            failure_ratio: b.failure_ratio,
+            min_calls: b.min_calls.max(1),
+            window: b.window,
+            cool_down: b.cool_down,
+            max_cool_down: b.max_cool_down,
+        }))
+    }
+
     /// Zero values in `[defaults]` are named there, not in each source.
     fn check_defaults(&self) -> Result<(), ConfigError> {
         let d = self.defaults;
@@ -566,6 +658,7 @@ impl Validator<'_> {
             model.queue_timeout.or(d.queue_timeout),
         )?;
         let retry = self.retry(&name, &model)?;
+        let breaker = self.breaker(&name, &model)?;
         // On by default for reads (gRPC methods not marked `idempotent =
         // false`, HTTP GET and HEAD); other sources only by their own say.
         let read = match model.kind {
@@ -689,6 +782,7 @@ impl Validator<'_> {
             fallback,
             retry,
             coalesce,
+            breaker,
             kind,
         })
     }

@@ -64,6 +64,12 @@ pub enum SourceError {
     Timeout(Duration),
     #[error("response body is not JSON: {0}")]
     NotJson(Arc<serde_json::Error>),
+    /// The source's circuit breaker is open; nothing was sent.
+    #[error("circuit open for source '{source_name}' (next probe in {retry_in:?})")]
+    CircuitOpen {
+        source_name: Arc<str>,
+        retry_in: Duration,
+    },
     /// The source's cap on requests in flight was reached; nothing was sent.
     #[error("source at capacity: {0}")]
     Overloaded(Full),
@@ -124,11 +130,39 @@ impl SourceError {
         }
     }
 
+    /// Whether this failure says the upstream is unwell (what a circuit
+    /// breaker counts), rather than that the request was wrong or that the
+    /// gateway refused it itself.
+    pub fn is_upstream_fault(&self) -> bool {
+        match self {
+            Self::Connect(_)
+            | Self::Transport(_)
+            | Self::Timeout(_)
+            | Self::NotJson(_)
+            | Self::Decode(_) => true,
+            Self::Grpc { code, .. } => matches!(
+                code,
+                Code::Unavailable
+                    | Code::DeadlineExceeded
+                    | Code::Internal
+                    | Code::Unknown
+                    | Code::ResourceExhausted
+                    | Code::DataLoss
+            ),
+            Self::Http { status, .. } => status.is_server_error() || status.as_u16() == 429,
+            Self::TooLarge(_)
+            | Self::Request { .. }
+            | Self::Schema(_)
+            | Self::Overloaded(_)
+            | Self::CircuitOpen { .. } => false,
+        }
+    }
+
     pub fn code(&self) -> Code {
         match self {
             Self::Grpc { code, .. } => *code,
             Self::Http { status, .. } => http_status_code(*status),
-            Self::Connect(_) | Self::Transport(_) => Code::Unavailable,
+            Self::Connect(_) | Self::Transport(_) | Self::CircuitOpen { .. } => Code::Unavailable,
             Self::Timeout(_) => Code::DeadlineExceeded,
             Self::NotJson(_) | Self::Decode(_) => Code::Internal,
             Self::TooLarge(_) | Self::Overloaded(_) => Code::ResourceExhausted,

@@ -28,6 +28,8 @@ pub struct Outcome {
     pub attempts: u32,
     /// Whether it shared an identical call already in flight.
     pub coalesced: bool,
+    /// Whether it was not called at all: its circuit is open.
+    pub skipped: bool,
     /// The source's configured stand-in data, when it failed.
     pub fallback: Option<serde_json::Value>,
 }
@@ -66,10 +68,12 @@ pub async fn run(
                 Err(
                     SourceError::Request { .. }
                     | SourceError::Schema(_)
-                    | SourceError::Overloaded(_),
+                    | SourceError::Overloaded(_)
+                    | SourceError::CircuitOpen { .. },
                 ) if sent <= 1 => 0,
                 _ => sent,
             };
+            let skipped = matches!(result, Err(SourceError::CircuitOpen { .. }));
             let fallback = match &result {
                 Err(_) => source.spec.fallback.clone(),
                 Ok(_) => None,
@@ -81,6 +85,7 @@ pub async fn run(
                 elapsed: t0.elapsed(),
                 attempts,
                 coalesced,
+                skipped,
                 fallback,
             };
             (i, outcome)

@@ -116,6 +116,28 @@ impl Gateway {
     }
 }
 
+impl Gateway {
+    /// Each aggregation's name with the open-state of its required sources'
+    /// circuit breakers (those that have one).
+    pub fn required_breakers(&self) -> Vec<(Arc<str>, Vec<tokio::sync::watch::Receiver<bool>>)> {
+        let mut out: Vec<_> = self
+            .aggregations
+            .values()
+            .map(|agg| {
+                let breakers = agg
+                    .members
+                    .iter()
+                    .filter(|(_, optional)| !optional)
+                    .filter_map(|(source, _)| source.breaker().map(|b| b.watch()))
+                    .collect();
+                (agg.name.clone(), breakers)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+}
+
 impl Aggregation {
     /// The requested subset in the aggregation's order; all when none is named.
     fn select(&self, names: &[String]) -> Result<Vec<(Arc<Source>, bool)>, Error> {

@@ -9,6 +9,7 @@
 //! - [`template`]: `{param}` placeholders and their context-aware escaping.
 //! - [`server`]: `run(listener, config, shutdown)`: the gRPC server with
 //!   health, reflection and graceful shutdown.
+//! - [`health`]: `grpc.health.v1` statuses, per aggregation from breakers.
 //! - [`api`]: the `Aggregate` / `FetchAll` handlers, protobuf <-> domain.
 //! - [`gateway`]: resolves an aggregation, checks params, computes the deadline.
 //! - [`deadline`]: the deadline as a value, and `grpc-timeout` parsing.
@@ -16,12 +17,15 @@
 //! - [`bulkhead`]: concurrency caps per source and gateway-wide, with a
 //!   bounded wait, so overload is refused rather than queued.
 //! - [`retry`]: backoff, what is safe to retry, the deadline and the budget.
+//! - [`coalesce`]: identical concurrent upstream calls share one request.
+//! - [`breaker`]: per-source circuit breakers, fed by calls and health checks.
 //! - [`upstream`]: one source's client: gRPC (dynamic messages, reflection) or HTTP.
 //! - [`error`]: typed errors and the one mapping to `tonic::Status`.
 //! - [`demo`]: the built-in demo upstreams.
 //! - [`pb`]: generated protobuf code.
 
 pub mod api;
+pub mod breaker;
 pub mod bulkhead;
 pub mod coalesce;
 pub mod config;
@@ -30,6 +34,7 @@ pub mod demo;
 pub mod error;
 pub mod fanout;
 pub mod gateway;
+pub mod health;
 pub mod pb;
 pub mod retry;
 pub mod server;

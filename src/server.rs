@@ -25,18 +25,17 @@ use hyper_util::{
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{body::Body, service::Routes};
-use tonic_health::ServingStatus;
 
 use crate::{
     api::AggregatorApi,
     config::Config,
     deadline::{Deadline, parse_grpc_timeout},
     gateway::Gateway,
+    health::Health,
     pb::{AGGREGATOR_DESCRIPTOR, aggregator::v1::aggregator_server::AggregatorServer},
 };
 
-/// The gRPC service name whose health the gateway reports.
-pub const SERVICE_NAME: &str = "aggregator.v1.Aggregator";
+pub use crate::health::SERVICE_NAME;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -53,10 +52,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let gateway = Arc::new(Gateway::new(&config));
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status(SERVICE_NAME, ServingStatus::Serving)
-        .await;
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let health = Health::start(reporter, &gateway).await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(AGGREGATOR_DESCRIPTOR)
@@ -77,11 +74,7 @@ pub async fn run(
 
     let announce_stop = async {
         shutdown.await;
-        for name in ["", SERVICE_NAME] {
-            health
-                .set_service_status(name, ServingStatus::NotServing)
-                .await;
-        }
+        health.shut_down().await;
         tracing::info!("shutting down: health is NOT_SERVING, draining in-flight calls");
     };
     serve_h2(

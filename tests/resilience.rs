@@ -629,3 +629,169 @@ async fn only_identical_reads_are_coalesced() {
     .await;
     assert_eq!(auth.log.stats().started, 2);
 }
+
+// ---- circuit breakers and aggregation health ----
+
+#[tokio::test]
+async fn a_breaker_opens_fails_fast_half_opens_and_closes_when_the_upstream_recovers() {
+    // 300 ms per request; the first 3 answer 503, then it has recovered.
+    let slow = Duration::from_millis(300);
+    let flaky = Upstream::http()
+        .delay(slow)
+        .fail_first(3, 503, None)
+        .start()
+        .await;
+    let profile = Upstream::grpc().start().await;
+    let gateway = Gateway::start(&format!(
+        "{}breaker = {{ failures = 3, cool_down = \"500ms\" }}\n{}{}",
+        http_source("flaky", &flaky, "/u/{user_id}"),
+        grpc_source("profile", &profile),
+        aggregation("dash", &["profile", "flaky"], "optional = [\"flaky\"]"),
+    ))
+    .await;
+    let mut client = gateway.client().await;
+    let flaky_result = |answer: &AggregateResponse| {
+        answer
+            .sources
+            .iter()
+            .find(|s| s.source == "flaky")
+            .cloned()
+            .unwrap()
+    };
+
+    for i in 0..3 {
+        let answer = client
+            .aggregate(request("dash", &i.to_string()))
+            .await
+            .unwrap();
+        let result = flaky_result(&answer.into_inner());
+        assert_eq!(
+            (result.code, result.skipped),
+            (Code::Unavailable as i32, false)
+        );
+    }
+    // Open: the source is skipped without waiting on the upstream.
+    let t0 = Instant::now();
+    let answer = client
+        .aggregate(request("dash", "9"))
+        .await
+        .unwrap()
+        .into_inner();
+    let took = t0.elapsed();
+    let result = flaky_result(&answer);
+    assert!(!answer.complete);
+    assert!(result.skipped, "{result:?}");
+    assert_eq!(
+        (result.code, result.attempts),
+        (Code::Unavailable as i32, 0)
+    );
+    assert!(
+        result.message.contains("circuit open for source 'flaky'"),
+        "{result:?}"
+    );
+    let refused_in = result
+        .elapsed
+        .map(|d| d.nanos as u64 + d.seconds as u64 * 1_000_000_000);
+    // Microseconds when the machine is idle; the bound leaves room for a
+    // loaded test run while staying far below the upstream's 300 ms.
+    assert!(
+        refused_in.unwrap() < 30_000_000,
+        "refused in {refused_in:?} ns"
+    );
+    assert!(took < slow / 2, "the call took {took:?}");
+    assert_eq!(flaky.log.stats().started, 3, "nothing was sent while open");
+
+    // After the cool-down one probe goes through; it succeeds and closes it.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for i in 0..2 {
+        let answer = client
+            .aggregate(request("dash", &i.to_string()))
+            .await
+            .unwrap();
+        let answer = answer.into_inner();
+        assert!(answer.complete, "{answer:?}");
+    }
+    assert_eq!(flaky.log.stats().started, 5);
+}
+
+#[tokio::test]
+async fn a_required_source_with_an_open_circuit_fails_the_call_at_once() {
+    let down = Upstream::grpc()
+        .fail_with(Code::Unavailable, "down")
+        .start()
+        .await;
+    let gateway = Gateway::start(&format!(
+        "{}breaker = {{ failures = 2, cool_down = \"10s\" }}\n{}",
+        grpc_source("down", &down),
+        aggregation("down", &["down"], ""),
+    ))
+    .await;
+    let mut client = gateway.client().await;
+    for i in 0..2 {
+        client
+            .aggregate(request("down", &i.to_string()))
+            .await
+            .unwrap_err();
+    }
+    let status = client.aggregate(request("down", "3")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(
+        status
+            .message()
+            .starts_with("source 'down': circuit open for source 'down'"),
+        "{status:?}"
+    );
+    assert_eq!(down.log.stats().started, 2);
+}
+
+#[tokio::test]
+async fn aggregation_health_follows_the_breakers_of_its_required_sources() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+
+    let flaky = Upstream::http().fail_first(2, 503, None).start().await;
+    let gateway = Gateway::start(&format!(
+        "{}breaker = {{ failures = 2, cool_down = \"300ms\" }}\n{}{}",
+        http_source("flaky", &flaky, "/u/{user_id}"),
+        aggregation("strict", &["flaky"], ""),
+        aggregation("lenient", &["flaky"], "optional = [\"flaky\"]"),
+    ))
+    .await;
+    let channel = gateway.channel().await;
+    let mut health = HealthClient::new(channel.clone());
+    let request_for = |service: &str| HealthCheckRequest {
+        service: service.into(),
+    };
+    let mut watch = health
+        .watch(request_for("aggregator.v1.Aggregator/strict"))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next = async || {
+        let message = tokio::time::timeout(QUICK_WAIT, watch.message()).await;
+        ServingStatus::try_from(message.unwrap().unwrap().unwrap().status).unwrap()
+    };
+    assert_eq!(next().await, ServingStatus::Serving);
+
+    let mut client = AggregatorClient::new(channel);
+    for i in 0..2 {
+        client
+            .aggregate(request("strict", &i.to_string()))
+            .await
+            .unwrap_err();
+    }
+    assert_eq!(next().await, ServingStatus::NotServing);
+    // An optional source's circuit does not make its aggregation unhealthy.
+    let lenient = health
+        .check(request_for("aggregator.v1.Aggregator/lenient"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(lenient.status, ServingStatus::Serving as i32);
+
+    // The upstream has recovered; the probe after the cool-down closes it.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    client.aggregate(request("strict", "3")).await.unwrap();
+    assert_eq!(next().await, ServingStatus::Serving);
+}

@@ -868,3 +868,39 @@ fn coalescing_is_on_for_reads_and_only_a_source_turns_it_on_for_writes() {
     assert!(!grpc("idempotent = false"));
     assert!(!grpc("coalesce = false"));
 }
+
+#[test]
+fn breakers_take_defaults_and_refuse_nonsense() {
+    let config = parse(&format!(
+        "[defaults]\nbreaker = {{ failures = 4 }}\n{TWO_SOURCES}breaker = {{ failure_ratio = 0.5, cool_down = \"1s\" }}\n"
+    ))
+    .unwrap();
+    let a = source(&config, "a").breaker.clone().unwrap();
+    assert_eq!(
+        a,
+        BreakerSpec {
+            failures: 4,
+            failure_ratio: None,
+            min_calls: 20,
+            window: Duration::from_secs(10),
+            cool_down: Duration::from_secs(5),
+            max_cool_down: Duration::from_secs(60),
+        }
+    );
+    let b = source(&config, "b").breaker.clone().unwrap();
+    assert_eq!((b.failures, b.failure_ratio), (5, Some(0.5)));
+    assert_eq!(b.cool_down, Duration::from_secs(1));
+
+    for (setting, key, expected) in [
+        ("failures = 0", "failures", "at least 1"),
+        ("failure_ratio = 1.5", "failure_ratio", "fraction"),
+        ("window = \"0s\"", "window", "greater than zero"),
+        ("cool_down = \"2m\"", "cool_down", "must not exceed"),
+    ] {
+        assert_invalid(
+            parse(&http_source(&format!("breaker = {{ {setting} }}"))),
+            &format!("sources.p.breaker.{key}"),
+            expected,
+        );
+    }
+}

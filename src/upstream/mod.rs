@@ -18,6 +18,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::{
+    breaker::Breaker,
     bulkhead::Bulkhead,
     coalesce::{Coalescer, Role},
     config::{SourceKind, SourceSpec},
@@ -37,6 +38,7 @@ pub struct Source {
     bulkhead: Option<Bulkhead>,
     retry: Option<Retrier>,
     coalescer: Option<Coalescer>,
+    breaker: Option<Breaker>,
 }
 
 /// What one source call came to.
@@ -72,6 +74,7 @@ impl Source {
             bulkhead: spec.max_concurrent.map(Bulkhead::new),
             retry: spec.retry.clone().map(Retrier::new),
             coalescer: spec.coalesce.then(Coalescer::default),
+            breaker: spec.breaker.clone().map(Breaker::new),
             spec,
             client,
         }
@@ -112,6 +115,11 @@ impl Source {
         }
     }
 
+    /// The source's circuit breaker, if it has one.
+    pub fn breaker(&self) -> Option<&Breaker> {
+        self.breaker.as_ref()
+    }
+
     /// Counters of request coalescing, if the source coalesces.
     pub fn coalescing(&self) -> Option<crate::coalesce::Stats> {
         self.coalescer.as_ref().map(Coalescer::stats)
@@ -126,6 +134,19 @@ impl Source {
         prepared: Prepared,
         deadline: Deadline,
     ) -> (Result<serde_json::Value, SourceError>, u32) {
+        // An open circuit answers at once; the verdict on an admitted call
+        // is recorded below, outside `send`, so a timeout counts too.
+        let admission = match self.breaker.as_ref().map(Breaker::admit) {
+            Some(Err(open)) => {
+                let error = SourceError::CircuitOpen {
+                    source_name: self.spec.name.clone(),
+                    retry_in: open.retry_in,
+                };
+                return (Err(error), 0);
+            }
+            Some(Ok(admission)) => Some(admission),
+            None => None,
+        };
         let own = self.spec.timeout.filter(|t| *t < deadline.remaining());
         let deadline = own.map_or(deadline, |t| deadline.cap(t));
         // Outlives `send`, which the source's timeout may drop mid-attempt.
@@ -181,6 +202,14 @@ impl Source {
             (Some(t), Err(_)) if deadline.is_expired() => Err(SourceError::Timeout(t)),
             (_, result) => result,
         };
+        if let (Some(breaker), Some(admission)) = (&self.breaker, admission) {
+            match &result {
+                Ok(_) => breaker.record(admission, true),
+                Err(e) if e.is_upstream_fault() => breaker.record(admission, false),
+                // Not the upstream's doing: no verdict.
+                Err(_) => drop(admission),
+            }
+        }
         (result, sent.into_inner())
     }
 

@@ -1,0 +1,84 @@
+//! The gateway's `grpc.health.v1` statuses: `""` and
+//! `aggregator.v1.Aggregator` for the server, and one service per
+//! aggregation, `aggregator.v1.Aggregator/<name>`, NOT_SERVING while the
+//! circuit of one of its required sources is open (so `Watch` streams each
+//! change), and everything NOT_SERVING once shutdown begins.
+
+use futures_util::future::select_all;
+use tokio::{sync::watch, task::JoinSet};
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::gateway::Gateway;
+
+/// The gRPC service name whose health the gateway reports.
+pub const SERVICE_NAME: &str = "aggregator.v1.Aggregator";
+
+pub struct Health {
+    reporter: HealthReporter,
+    aggregations: Vec<String>,
+    watchers: JoinSet<()>,
+}
+
+impl Health {
+    /// Reports everything SERVING, then follows the breakers.
+    pub async fn start(reporter: HealthReporter, gateway: &Gateway) -> Self {
+        reporter
+            .set_service_status(SERVICE_NAME, ServingStatus::Serving)
+            .await;
+        let mut aggregations = Vec::new();
+        let mut watchers = JoinSet::new();
+        for (name, breakers) in gateway.required_breakers() {
+            let service = format!("{SERVICE_NAME}/{name}");
+            report(&reporter, &service, &breakers).await;
+            if !breakers.is_empty() {
+                watchers.spawn(follow(reporter.clone(), service.clone(), breakers));
+            }
+            aggregations.push(service);
+        }
+        Self {
+            reporter,
+            aggregations,
+            watchers,
+        }
+    }
+
+    /// Shutdown has begun: stop following breakers, report NOT_SERVING.
+    pub async fn shut_down(mut self) {
+        self.watchers.shutdown().await;
+        let all = ["", SERVICE_NAME]
+            .into_iter()
+            .chain(self.aggregations.iter().map(String::as_str));
+        for service in all {
+            self.reporter
+                .set_service_status(service, ServingStatus::NotServing)
+                .await;
+        }
+    }
+}
+
+async fn report(reporter: &HealthReporter, service: &str, breakers: &[watch::Receiver<bool>]) {
+    let status = if breakers.iter().any(|open| *open.borrow()) {
+        ServingStatus::NotServing
+    } else {
+        ServingStatus::Serving
+    };
+    reporter.set_service_status(service, status).await;
+}
+
+async fn follow(
+    reporter: HealthReporter,
+    service: String,
+    mut breakers: Vec<watch::Receiver<bool>>,
+) {
+    loop {
+        let changes = breakers.iter_mut().map(|b| Box::pin(b.changed()));
+        let (changed, ..) = select_all(changes).await;
+        if changed.is_err() {
+            return; // The gateway is gone.
+        }
+        for open in &mut breakers {
+            open.mark_unchanged();
+        }
+        report(&reporter, &service, &breakers).await;
+    }
+}
