@@ -28,6 +28,8 @@ struct Inner {
     window: Window,
     /// The next cool-down; doubles while probes fail.
     cool_down: Duration,
+    /// Opened by a failed health check (which a passing one may undo).
+    by_health: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +67,7 @@ impl Breaker {
                 consecutive: 0,
                 window: Window::new(spec.window),
                 cool_down: spec.cool_down,
+                by_health: false,
             }),
             spec,
             open: watch::Sender::new(false),
@@ -107,14 +110,20 @@ impl Breaker {
     }
 
     /// An active health check's verdict: a failure opens the circuit at
-    /// once, a success closes it.
+    /// once; a success closes a circuit that a failed check opened (one
+    /// opened by failing calls waits for a probe call: the health endpoint
+    /// may be fine while the real one is not).
     pub fn health(&self, healthy: bool) {
         let mut inner = self.state.lock().expect("breaker lock");
         match (healthy, inner.state) {
             (true, State::Closed) => {}
-            (true, _) => self.close(&mut inner),
+            (true, _) if inner.by_health => self.close(&mut inner),
+            (true, _) => {}
             (false, State::Open { .. }) => {}
-            (false, _) => self.trip(&mut inner),
+            (false, _) => {
+                self.trip(&mut inner);
+                inner.by_health = true;
+            }
         }
     }
 
@@ -164,6 +173,7 @@ impl Breaker {
         inner.state = State::Open {
             until: Instant::now() + inner.cool_down,
         };
+        inner.by_health = false;
         self.open.send_replace(true);
     }
 
@@ -365,5 +375,16 @@ mod tests {
         b.health(true);
         assert!(!b.is_open());
         succeed(&b);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_passing_check_leaves_a_circuit_opened_by_calls_to_its_probe() {
+        let b = Breaker::new(spec());
+        (0..3).for_each(|_| fail(&b));
+        b.health(true);
+        assert!(b.is_open());
+        advance(Duration::from_secs(1)).await;
+        succeed(&b);
+        assert!(!b.is_open());
     }
 }

@@ -98,6 +98,28 @@ struct DefaultsModel {
     breaker: Option<BreakerModel>,
 }
 
+/// `health_check = { ... }` of a source.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HealthCheckModel {
+    #[serde(default = "default_check_interval", with = "humantime_serde")]
+    interval: Duration,
+    #[serde(default = "default_check_timeout", with = "humantime_serde")]
+    timeout: Duration,
+    /// HTTP: the path to GET on the source's host.
+    path: Option<String>,
+    /// gRPC: the service name to ask `grpc.health.v1` about.
+    service: Option<String>,
+}
+
+fn default_check_interval() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_check_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+
 /// `breaker = { ... }` of a source or of `[defaults]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -197,6 +219,7 @@ struct SourceModel {
     idempotent: Option<bool>,
     coalesce: Option<bool>,
     breaker: Option<BreakerModel>,
+    health_check: Option<HealthCheckModel>,
     /// gRPC: `package.Service/Method`; HTTP: the request method.
     method: Option<String>,
     // gRPC only
@@ -290,8 +313,26 @@ pub struct SourceSpec {
     pub retry: Option<RetrySpec>,
     /// Whether identical concurrent calls share one upstream request.
     pub coalesce: bool,
+    /// Set whenever `health_check` is (the checks feed it).
     pub breaker: Option<BreakerSpec>,
+    pub health_check: Option<HealthCheckSpec>,
     pub kind: SourceKind,
+}
+
+/// An active health check: its verdicts open and close the source's circuit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheckSpec {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub target: HealthTarget,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum HealthTarget {
+    /// GET this URL; any 2xx is healthy.
+    Http(Uri),
+    /// `grpc.health.v1.Health/Check` for this service; SERVING is healthy.
+    Grpc { service: String },
 }
 
 /// When a source's circuit opens and how long it stays open.
@@ -546,6 +587,74 @@ impl Validator<'_> {
         }))
     }
 
+    fn health_check(
+        &self,
+        name: &str,
+        model: &SourceModel,
+    ) -> Result<Option<HealthCheckSpec>, ConfigError> {
+        let Some(check) = &model.health_check else {
+            return Ok(None);
+        };
+        let err = |field: &str, message: &str| {
+            self.err(format!("sources.{name}.health_check.{field}"), message)
+        };
+        if check.interval.is_zero() || check.timeout.is_zero() {
+            let field = if check.interval.is_zero() {
+                "interval"
+            } else {
+                "timeout"
+            };
+            return Err(err(field, "must be greater than zero"));
+        }
+        let target = match model.kind {
+            SourceKindModel::Http => {
+                if check.service.is_some() {
+                    return Err(err(
+                        "service",
+                        "is for gRPC sources; HTTP sources give `path`",
+                    ));
+                }
+                let path = check.path.as_deref().ok_or_else(|| {
+                    err(
+                        "path",
+                        "missing; expected the path to GET, e.g. \"/healthz\"",
+                    )
+                })?;
+                let url = model.url.as_deref().unwrap_or_default();
+                let origin = UrlTemplate::parse(url)
+                    .map(|u| u.origin().to_owned())
+                    .unwrap_or_default();
+                let uri = format!("{origin}{path}")
+                    .parse::<Uri>()
+                    .ok()
+                    .filter(|_| path.starts_with('/'))
+                    .ok_or_else(|| err("path", "expected an absolute path such as \"/healthz\""))?;
+                HealthTarget::Http(uri)
+            }
+            SourceKindModel::Grpc => {
+                if check.path.is_some() {
+                    return Err(err(
+                        "path",
+                        "is for HTTP sources; gRPC sources give `service`",
+                    ));
+                }
+                let service = check.service.clone().unwrap_or_else(|| {
+                    let method = model.method.as_deref().unwrap_or_default();
+                    method
+                        .split_once('/')
+                        .map(|(s, _)| s.to_owned())
+                        .unwrap_or_default()
+                });
+                HealthTarget::Grpc { service }
+            }
+        };
+        Ok(Some(HealthCheckSpec {
+            interval: check.interval,
+            timeout: check.timeout,
+            target,
+        }))
+    }
+
     fn breaker(&self, name: &str, model: &SourceModel) -> Result<Option<BreakerSpec>, ConfigError> {
         let (b, table) = match (&model.breaker, &self.defaults.breaker) {
             (Some(own), _) => (own, format!("sources.{name}.breaker")),
@@ -658,7 +767,18 @@ impl Validator<'_> {
             model.queue_timeout.or(d.queue_timeout),
         )?;
         let retry = self.retry(&name, &model)?;
-        let breaker = self.breaker(&name, &model)?;
+        let health_check = self.health_check(&name, &model)?;
+        let breaker = self.breaker(&name, &model)?.or_else(|| {
+            // Health checks need a circuit to open: the default one.
+            health_check.as_ref().map(|_| BreakerSpec {
+                failures: default_breaker_failures(),
+                failure_ratio: None,
+                min_calls: default_breaker_min_calls(),
+                window: default_breaker_window(),
+                cool_down: default_cool_down(),
+                max_cool_down: default_max_cool_down(),
+            })
+        });
         // On by default for reads (gRPC methods not marked `idempotent =
         // false`, HTTP GET and HEAD); other sources only by their own say.
         let read = match model.kind {
@@ -783,6 +903,7 @@ impl Validator<'_> {
             retry,
             coalesce,
             breaker,
+            health_check,
             kind,
         })
     }

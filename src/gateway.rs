@@ -21,6 +21,8 @@ pub const MAX_PARAM_BYTES: usize = 8 * 1024;
 /// The sources and aggregations of a config, with live clients.
 pub struct Gateway {
     aggregations: HashMap<Arc<str>, Aggregation>,
+    /// Active health checks; they stop with the gateway.
+    _health_checks: tokio::task::JoinSet<()>,
     /// The gateway-wide cap on calls in flight, if configured.
     calls: Option<Bulkhead>,
 }
@@ -77,9 +79,16 @@ impl Gateway {
                 (a.name.clone(), agg)
             })
             .collect();
+        let mut health_checks = tokio::task::JoinSet::new();
+        for source in sources.values() {
+            if source.spec.health_check.is_some() {
+                health_checks.spawn(source.clone().watch_health());
+            }
+        }
         Self {
             aggregations,
             calls: config.max_concurrent_calls.map(Bulkhead::new),
+            _health_checks: health_checks,
         }
     }
 

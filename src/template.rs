@@ -209,6 +209,11 @@ impl UrlTemplate {
             .chain(self.query.iter().flat_map(StrTemplate::params))
     }
 
+    /// `http://host:port`, literal by construction.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
     pub fn render(&self, params: &Params) -> Result<String, RenderError> {
         let mut out = String::with_capacity(128);
         out.push_str(&self.origin);

@@ -795,3 +795,70 @@ async fn aggregation_health_follows_the_breakers_of_its_required_sources() {
     client.aggregate(request("strict", "3")).await.unwrap();
     assert_eq!(next().await, ServingStatus::Serving);
 }
+
+#[tokio::test]
+async fn a_failing_health_check_skips_the_source_before_any_caller_waits_on_it() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+
+    // The first two requests (health checks) fail, then it is healthy.
+    let orders = Upstream::http().fail_first(2, 503, None).start().await;
+    let profile = Upstream::grpc().start().await;
+    let gateway = Gateway::start(&format!(
+        "{}health_check = {{ path = \"/healthz\", interval = \"150ms\" }}\n{}{}",
+        http_source("orders", &orders, "/u/{user_id}"),
+        grpc_source("profile", &profile),
+        aggregation("dash", &["profile", "orders"], "optional = [\"orders\"]")
+            + &aggregation("orders", &["orders"], ""),
+    ))
+    .await;
+    let channel = gateway.channel().await;
+    let mut watch = HealthClient::new(channel.clone())
+        .watch(HealthCheckRequest {
+            service: "aggregator.v1.Aggregator/orders".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut until = async |wanted: ServingStatus| loop {
+        let message = tokio::time::timeout(QUICK_WAIT, watch.message()).await;
+        let status = message.expect("a status change in time").unwrap().unwrap();
+        if status.status == wanted as i32 {
+            return;
+        }
+    };
+    let calls_seen = || {
+        orders
+            .log
+            .requests()
+            .iter()
+            .filter(|r| r.target != "/healthz")
+            .count()
+    };
+
+    until(ServingStatus::NotServing).await;
+    let mut client = AggregatorClient::new(channel);
+    let answer = client
+        .aggregate(request("dash", "1"))
+        .await
+        .unwrap()
+        .into_inner();
+    let result = answer
+        .sources
+        .iter()
+        .find(|s| s.source == "orders")
+        .unwrap();
+    assert!(result.skipped && !answer.complete, "{answer:?}");
+    assert_eq!(calls_seen(), 0, "no caller waited on the failing upstream");
+
+    // The checks pass again: the circuit closes and calls go through.
+    until(ServingStatus::Serving).await;
+    let answer = client
+        .aggregate(request("dash", "1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answer.complete, "{answer:?}");
+    assert_eq!(calls_seen(), 1);
+}

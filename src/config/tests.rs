@@ -904,3 +904,45 @@ fn breakers_take_defaults_and_refuse_nonsense() {
         );
     }
 }
+
+#[test]
+fn health_checks_name_their_target_and_bring_a_breaker() {
+    let config = parse(&http_source(
+        "health_check = { path = \"/healthz\", interval = \"2s\" }",
+    ))
+    .unwrap();
+    let p = source(&config, "p");
+    assert_eq!(
+        p.health_check,
+        Some(HealthCheckSpec {
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            target: HealthTarget::Http("http://127.0.0.1:1/healthz".parse().unwrap()),
+        })
+    );
+    assert!(p.breaker.is_some(), "the checks need a circuit to open");
+
+    let config = parse(&grpc_source("health_check = {}")).unwrap();
+    assert_eq!(
+        source(&config, "p").health_check.as_ref().unwrap().target,
+        HealthTarget::Grpc {
+            service: "demo.v1.Profiles".into()
+        }
+    );
+
+    assert_invalid(
+        parse(&http_source("health_check = { interval = \"1s\" }")),
+        "sources.p.health_check.path",
+        "missing",
+    );
+    assert_invalid(
+        parse(&grpc_source("health_check = { path = \"/healthz\" }")),
+        "sources.p.health_check.path",
+        "is for HTTP sources",
+    );
+    assert_invalid(
+        parse(&http_source("health_check = { path = \"healthz\" }")),
+        "sources.p.health_check.path",
+        "absolute path",
+    );
+}

@@ -42,6 +42,20 @@ impl GrpcUpstream {
         }
     }
 
+    /// Whether `grpc.health.v1.Health/Check` says `service` is SERVING.
+    pub async fn check_health(&self, service: &str) -> bool {
+        use tonic_health::pb::{
+            HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+        };
+        let request = HealthCheckRequest {
+            service: service.to_owned(),
+        };
+        HealthClient::new(self.channel.clone())
+            .check(request)
+            .await
+            .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
+    }
+
     fn grpc(&self) -> &GrpcSpec {
         match &self.spec.kind {
             crate::config::SourceKind::Grpc(g) => g,

@@ -63,6 +63,16 @@ fn retry_after(value: &str) -> Option<Duration> {
     )
 }
 
+/// Whether a GET of `uri` answers 2xx.
+pub async fn check_health(client: &HttpClient, uri: &http::Uri) -> bool {
+    let mut request = Request::new(Full::default());
+    *request.uri_mut() = uri.clone();
+    client
+        .request(request)
+        .await
+        .is_ok_and(|r| r.status().is_success())
+}
+
 pub async fn call(
     client: &HttpClient,
     request: Request<Bytes>,

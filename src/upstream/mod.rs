@@ -21,7 +21,7 @@ use crate::{
     breaker::Breaker,
     bulkhead::Bulkhead,
     coalesce::{Coalescer, Role},
-    config::{SourceKind, SourceSpec},
+    config::{HealthTarget, SourceKind, SourceSpec},
     deadline::Deadline,
     error::SourceError,
     retry::{Decision, Retrier},
@@ -112,6 +112,42 @@ impl Source {
             result,
             sent,
             coalesced: role == Role::Joined,
+        }
+    }
+
+    /// Runs the source's active health check, if it has one, every
+    /// interval for as long as the returned future is polled, feeding the
+    /// verdicts to its circuit breaker.
+    pub async fn watch_health(self: Arc<Self>) {
+        let (Some(check), Some(breaker)) = (&self.spec.health_check, &self.breaker) else {
+            return;
+        };
+        let mut ticks = tokio::time::interval(check.interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut was_healthy = true;
+        loop {
+            ticks.tick().await;
+            let probe = async {
+                match (&self.client, &check.target) {
+                    (Client::Grpc(g), HealthTarget::Grpc { service }) => {
+                        g.check_health(service).await
+                    }
+                    (Client::Http(c), HealthTarget::Http(uri)) => http::check_health(c, uri).await,
+                    _ => unreachable!("validated with the source's kind"),
+                }
+            };
+            let healthy = tokio::time::timeout(check.timeout, probe)
+                .await
+                .unwrap_or(false);
+            if healthy != was_healthy {
+                if healthy {
+                    tracing::info!(source = %self.spec.name, "health check passes again");
+                } else {
+                    tracing::warn!(source = %self.spec.name, "health check failed: circuit open");
+                }
+                was_healthy = healthy;
+            }
+            breaker.health(healthy);
         }
     }
 
