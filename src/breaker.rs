@@ -5,7 +5,10 @@
 //! and admits one probe: success closes it, failure opens it again.
 //! Active health checks feed the same state.
 
-use std::{sync::Mutex, time::Duration};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use tokio::{sync::watch, time::Instant};
 
@@ -15,6 +18,8 @@ use crate::config::BreakerSpec;
 const BUCKETS: usize = 10;
 
 pub struct Breaker {
+    /// The source's name, for the log.
+    name: Arc<str>,
     spec: BreakerSpec,
     state: Mutex<Inner>,
     /// Whether the breaker is open, for whoever reports health.
@@ -60,8 +65,9 @@ pub struct Admission<'a> {
 }
 
 impl Breaker {
-    pub fn new(spec: BreakerSpec) -> Self {
+    pub fn new(name: Arc<str>, spec: BreakerSpec) -> Self {
         Self {
+            name,
             state: Mutex::new(Inner {
                 state: State::Closed,
                 consecutive: 0,
@@ -174,7 +180,9 @@ impl Breaker {
             until: Instant::now() + inner.cool_down,
         };
         inner.by_health = false;
-        self.open.send_replace(true);
+        if !self.open.send_replace(true) {
+            tracing::warn!(source = %self.name, cool_down = ?inner.cool_down, "circuit opened");
+        }
     }
 
     fn close(&self, inner: &mut Inner) {
@@ -182,7 +190,9 @@ impl Breaker {
         inner.consecutive = 0;
         inner.window = Window::new(self.spec.window);
         inner.cool_down = self.spec.cool_down;
-        self.open.send_replace(false);
+        if self.open.send_replace(false) {
+            tracing::info!(source = %self.name, "circuit closed");
+        }
     }
 }
 
@@ -275,7 +285,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn opens_after_consecutive_failures_and_refuses_at_once() {
-        let b = Breaker::new(spec());
+        let b = Breaker::new("test".into(), spec());
         fail(&b);
         fail(&b);
         succeed(&b); // resets the run
@@ -294,7 +304,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn half_opens_after_the_cool_down_with_a_single_probe() {
-        let b = Breaker::new(spec());
+        let b = Breaker::new("test".into(), spec());
         (0..3).for_each(|_| fail(&b));
         advance(Duration::from_secs(1)).await;
         let probe = b.admit().expect("the probe");
@@ -306,7 +316,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_failed_probe_doubles_the_cool_down_up_to_the_cap() {
-        let b = Breaker::new(spec());
+        let b = Breaker::new("test".into(), spec());
         (0..3).for_each(|_| fail(&b));
         let mut cool_downs = Vec::new();
         for _ in 0..4 {
@@ -325,7 +335,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_probe_whose_caller_left_frees_the_slot() {
-        let b = Breaker::new(spec());
+        let b = Breaker::new("test".into(), spec());
         (0..3).for_each(|_| fail(&b));
         advance(Duration::from_secs(1)).await;
         drop(b.admit().expect("the probe"));
@@ -334,11 +344,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn opens_on_the_failure_ratio_over_the_window() {
-        let b = Breaker::new(BreakerSpec {
-            failures: 100,
-            failure_ratio: Some(0.5),
-            ..spec()
-        });
+        let b = Breaker::new(
+            "test".into(),
+            BreakerSpec {
+                failures: 100,
+                failure_ratio: Some(0.5),
+                ..spec()
+            },
+        );
         // Alternating: never 3 in a row, but half of the calls fail.
         for _ in 0..4 {
             fail(&b);
@@ -352,11 +365,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn old_outcomes_leave_the_window() {
-        let b = Breaker::new(BreakerSpec {
-            failures: 100,
-            failure_ratio: Some(0.5),
-            ..spec()
-        });
+        let b = Breaker::new(
+            "test".into(),
+            BreakerSpec {
+                failures: 100,
+                failure_ratio: Some(0.5),
+                ..spec()
+            },
+        );
         (0..9).for_each(|_| fail(&b));
         advance(Duration::from_secs(11)).await;
         (0..9).for_each(|_| succeed(&b));
@@ -366,7 +382,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn health_checks_open_and_close_the_circuit() {
-        let b = Breaker::new(spec());
+        let b = Breaker::new("test".into(), spec());
         let mut open = b.watch();
         b.health(false);
         assert!(b.is_open() && b.admit().is_err());
@@ -379,7 +395,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_passing_check_leaves_a_circuit_opened_by_calls_to_its_probe() {
-        let b = Breaker::new(spec());
+        let b = Breaker::new("test".into(), spec());
         (0..3).for_each(|_| fail(&b));
         b.health(true);
         assert!(b.is_open());

@@ -96,6 +96,17 @@ struct DefaultsModel {
     retry: Option<RetryModel>,
     coalesce: Option<bool>,
     breaker: Option<BreakerModel>,
+    hedge: Option<HedgeModel>,
+}
+
+/// `hedge = { ... }` of a source or of `[defaults]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HedgeModel {
+    /// A duration, or `"p95"`.
+    delay: String,
+    #[serde(default, with = "humantime_serde")]
+    min_delay: Option<Duration>,
 }
 
 /// `health_check = { ... }` of a source.
@@ -220,6 +231,7 @@ struct SourceModel {
     coalesce: Option<bool>,
     breaker: Option<BreakerModel>,
     health_check: Option<HealthCheckModel>,
+    hedge: Option<HedgeModel>,
     /// gRPC: `package.Service/Method`; HTTP: the request method.
     method: Option<String>,
     // gRPC only
@@ -316,7 +328,24 @@ pub struct SourceSpec {
     /// Set whenever `health_check` is (the checks feed it).
     pub breaker: Option<BreakerSpec>,
     pub health_check: Option<HealthCheckSpec>,
+    /// Hedged requests; only ever set on a source that is safe to repeat.
+    pub hedge: Option<HedgeSpec>,
     pub kind: SourceKind,
+}
+
+/// When to send a second, identical request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HedgeSpec {
+    pub delay: HedgeDelay,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum HedgeDelay {
+    Fixed(Duration),
+    /// The source's observed p95 latency, at least `min`.
+    P95 {
+        min: Duration,
+    },
 }
 
 /// An active health check: its verdicts open and close the source's circuit.
@@ -587,6 +616,45 @@ impl Validator<'_> {
         }))
     }
 
+    /// Like retries, hedges only for sources safe to repeat.
+    fn hedge(&self, name: &str, model: &SourceModel) -> Result<Option<HedgeSpec>, ConfigError> {
+        let (hedge, table) = match (&model.hedge, &self.defaults.hedge) {
+            (Some(own), _) => (own, format!("sources.{name}.hedge")),
+            (None, Some(inherited)) => (inherited, "defaults.hedge".to_owned()),
+            (None, None) => return Ok(None),
+        };
+        if !safe_to_repeat(model) {
+            let method = model.method.as_deref().unwrap_or("GET");
+            return match model.hedge {
+                Some(_) => Err(self.err(
+                    format!("sources.{name}.hedge"),
+                    format!("{method} is not safe to repeat; set `idempotent = true` if it is"),
+                )),
+                None => Ok(None),
+            };
+        }
+        let delay = match hedge.delay.as_str() {
+            "p95" => HedgeDelay::P95 {
+                min: hedge.min_delay.unwrap_or(Duration::from_millis(1)),
+            },
+            text => {
+                if hedge.min_delay.is_some() {
+                    return Err(self.err(
+                        format!("{table}.min_delay"),
+                        "only applies to `delay = \"p95\"`",
+                    ));
+                }
+                HedgeDelay::Fixed(humantime::parse_duration(text).map_err(|e| {
+                    self.err(
+                        format!("{table}.delay"),
+                        format!("expected a duration such as \"50ms\" or \"p95\": {e}"),
+                    )
+                })?)
+            }
+        };
+        Ok(Some(HedgeSpec { delay }))
+    }
+
     fn health_check(
         &self,
         name: &str,
@@ -768,6 +836,7 @@ impl Validator<'_> {
         )?;
         let retry = self.retry(&name, &model)?;
         let health_check = self.health_check(&name, &model)?;
+        let hedge = self.hedge(&name, &model)?;
         let breaker = self.breaker(&name, &model)?.or_else(|| {
             // Health checks need a circuit to open: the default one.
             health_check.as_ref().map(|_| BreakerSpec {
@@ -904,6 +973,7 @@ impl Validator<'_> {
             coalesce,
             breaker,
             health_check,
+            hedge,
             kind,
         })
     }

@@ -19,6 +19,7 @@
 //! - [`retry`]: backoff, what is safe to retry, the deadline and the budget.
 //! - [`coalesce`]: identical concurrent upstream calls share one request.
 //! - [`breaker`]: per-source circuit breakers, fed by calls and health checks.
+//! - [`hedge`]: a second request when the first is slow, within the budget.
 //! - [`upstream`]: one source's client: gRPC (dynamic messages, reflection) or HTTP.
 //! - [`error`]: typed errors and the one mapping to `tonic::Status`.
 //! - [`demo`]: the built-in demo upstreams.
@@ -35,6 +36,7 @@ pub mod error;
 pub mod fanout;
 pub mod gateway;
 pub mod health;
+pub mod hedge;
 pub mod pb;
 pub mod retry;
 pub mod server;

@@ -56,6 +56,11 @@ impl Retrier {
         Self { spec, budget }
     }
 
+    /// The budget retries (and hedges) draw on.
+    pub fn budget(&self) -> &TpsBudget {
+        &self.budget
+    }
+
     /// Starts a call: every call adds to the budget that retries draw on.
     pub fn start(&self) -> Attempts<'_> {
         self.budget.deposit();

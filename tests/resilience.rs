@@ -862,3 +862,73 @@ async fn a_failing_health_check_skips_the_source_before_any_caller_waits_on_it()
     assert!(answer.complete, "{answer:?}");
     assert_eq!(calls_seen(), 1);
 }
+
+// ---- hedging ----
+
+#[tokio::test]
+async fn a_hedge_wins_against_a_slow_first_attempt_and_cancels_it() {
+    let upstream = Upstream::http()
+        .slow_first(1, Duration::from_secs(5))
+        .start()
+        .await;
+    let gateway = Gateway::start(&format!(
+        "{}hedge = {{ delay = \"50ms\" }}\n{}",
+        http_source("hedged", &upstream, "/u/{user_id}"),
+        aggregation("hedged", &["hedged"], ""),
+    ))
+    .await;
+    let mut client = gateway.client().await;
+
+    let t0 = Instant::now();
+    let result = fetch_one(&mut client, "hedged", "1").await.unwrap();
+    let took = t0.elapsed();
+    assert_eq!(
+        (result.code, result.attempts),
+        (Code::Ok as i32, 2),
+        "{result:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(50),
+        "hedged before the delay: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "waited for the slow attempt: {took:?}"
+    );
+    assert!(
+        upstream
+            .log
+            .wait_for(QUICK_WAIT, |s| s.cancelled == 1)
+            .await,
+        "the slow attempt was not cancelled: {:?}",
+        upstream.log.stats()
+    );
+    assert_eq!(upstream.log.stats().started, 2);
+
+    // A source that answers within the delay is never hedged.
+    let result = fetch_one(&mut client, "hedged", "2").await.unwrap();
+    assert_eq!((result.code, result.attempts), (Code::Ok as i32, 1));
+    assert_eq!(upstream.log.stats().started, 3);
+}
+
+#[tokio::test]
+async fn hedges_never_outlive_the_deadline() {
+    let upstream = Upstream::http().delay(Duration::from_secs(5)).start().await;
+    let gateway = Gateway::start(&format!(
+        "{}hedge = {{ delay = \"300ms\" }}\n{}",
+        http_source("slow", &upstream, "/u/{user_id}"),
+        aggregation("slow", &["slow"], "timeout = \"200ms\""),
+    ))
+    .await;
+    let mut client = gateway.client().await;
+    let status = client.aggregate(request("slow", "1")).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded);
+    // The deadline came before the hedge delay: one request, cancelled.
+    assert!(
+        upstream
+            .log
+            .wait_for(QUICK_WAIT, |s| s.cancelled == 1)
+            .await
+    );
+    assert_eq!(upstream.log.stats().started, 1);
+}

@@ -946,3 +946,51 @@ fn health_checks_name_their_target_and_bring_a_breaker() {
         "absolute path",
     );
 }
+
+#[test]
+fn hedges_take_a_fixed_delay_or_the_p95_and_only_where_safe() {
+    let hedge = |extra: &str| {
+        source(&parse(&http_source(extra)).unwrap(), "p")
+            .hedge
+            .clone()
+    };
+    assert_eq!(
+        hedge("hedge = { delay = \"40ms\" }"),
+        Some(HedgeSpec {
+            delay: HedgeDelay::Fixed(Duration::from_millis(40))
+        })
+    );
+    assert_eq!(
+        hedge("hedge = { delay = \"p95\", min_delay = \"5ms\" }"),
+        Some(HedgeSpec {
+            delay: HedgeDelay::P95 {
+                min: Duration::from_millis(5)
+            }
+        })
+    );
+    assert_invalid(
+        parse(&http_source("hedge = { delay = \"soon\" }")),
+        "sources.p.hedge.delay",
+        "expected a duration",
+    );
+    assert_invalid(
+        parse(&http_source(
+            "hedge = { delay = \"10ms\", min_delay = \"5ms\" }",
+        )),
+        "sources.p.hedge.min_delay",
+        "only applies",
+    );
+    assert_invalid(
+        parse(&http_source(
+            "method = \"POST\"\nhedge = { delay = \"10ms\" }",
+        )),
+        "sources.p.hedge",
+        "not safe to repeat",
+    );
+    let inherited = parse(&format!(
+        "[defaults]\nhedge = {{ delay = \"10ms\" }}\n{}",
+        http_source("method = \"POST\"")
+    ))
+    .unwrap();
+    assert_eq!(source(&inherited, "p").hedge, None);
+}

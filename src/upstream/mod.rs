@@ -24,6 +24,7 @@ use crate::{
     config::{HealthTarget, SourceKind, SourceSpec},
     deadline::Deadline,
     error::SourceError,
+    hedge::Hedger,
     retry::{Decision, Retrier},
     template::{Params, RenderError},
 };
@@ -39,6 +40,7 @@ pub struct Source {
     retry: Option<Retrier>,
     coalescer: Option<Coalescer>,
     breaker: Option<Breaker>,
+    hedger: Option<Hedger>,
 }
 
 /// What one source call came to.
@@ -74,7 +76,8 @@ impl Source {
             bulkhead: spec.max_concurrent.map(Bulkhead::new),
             retry: spec.retry.clone().map(Retrier::new),
             coalescer: spec.coalesce.then(Coalescer::default),
-            breaker: spec.breaker.clone().map(Breaker::new),
+            breaker: (spec.breaker.clone()).map(|b| Breaker::new(spec.name.clone(), b)),
+            hedger: (spec.hedge.clone()).map(|h| Hedger::new(h, spec.retry.is_none())),
             spec,
             client,
         }
@@ -194,15 +197,16 @@ impl Source {
                 Some(b) => Some(b.enter(deadline).await.map_err(SourceError::Overloaded)?),
                 None => None,
             };
+            if let Some(hedger) = &self.hedger {
+                hedger.deposit();
+            }
             let Some(retrier) = &self.retry else {
-                sent.store(1, Relaxed);
-                return self.send(prepared, deadline).await;
+                return self.attempt(prepared, deadline, &sent).await;
             };
             let mut attempts = retrier.start();
             let mut prepared = Some(prepared);
             loop {
                 attempts.sending();
-                sent.store(attempts.sent(), Relaxed);
                 // Keep the request while a failure could still be retried.
                 let request = match attempts.may_retry() {
                     true => prepared.clone(),
@@ -210,7 +214,7 @@ impl Source {
                 }
                 .expect("kept until the last attempt");
                 let t0 = Instant::now();
-                let error = match self.send(request, deadline).await {
+                let error = match self.attempt(request, deadline, &sent).await {
                     Ok(value) => return Ok(value),
                     Err(error) => error,
                 };
@@ -249,7 +253,55 @@ impl Source {
         (result, sent.into_inner())
     }
 
-    /// One attempt.
+    /// One attempt: one request, or two when the source hedges and the
+    /// first is slow; the first good answer wins and dropping the other
+    /// cancels it. Counts what it sends in `sent`.
+    async fn attempt(
+        &self,
+        request: Prepared,
+        deadline: Deadline,
+        sent: &AtomicU32,
+    ) -> Result<serde_json::Value, SourceError> {
+        sent.fetch_add(1, Relaxed);
+        let Some((hedger, delay)) = self.hedger.as_ref().and_then(|h| Some((h, h.delay()?))) else {
+            return self.send(request, deadline).await;
+        };
+        let t0 = Instant::now();
+        let first = self.send(request.clone(), deadline);
+        tokio::pin!(first);
+        let result = tokio::select! {
+            biased;
+            result = &mut first => result,
+            // Never a hedge that could not answer before the deadline.
+            () = tokio::time::sleep(delay), if delay < deadline.remaining() => {
+                let shared = self.retry.as_ref().map(Retrier::budget);
+                if hedger.withdraw(shared) {
+                    sent.fetch_add(1, Relaxed);
+                    tracing::debug!(source = %self.spec.name, ?delay, "hedging");
+                    let second = self.send(request, deadline);
+                    tokio::pin!(second);
+                    tokio::select! {
+                        result = &mut first => match result {
+                            Ok(value) => Ok(value),
+                            Err(_) => second.await,
+                        },
+                        result = &mut second => match result {
+                            Ok(value) => Ok(value),
+                            Err(_) => first.await,
+                        },
+                    }
+                } else {
+                    first.await
+                }
+            }
+        };
+        if result.is_ok() {
+            hedger.observe(t0.elapsed());
+        }
+        result
+    }
+
+    /// One request.
     async fn send(
         &self,
         prepared: Prepared,

@@ -251,6 +251,8 @@ pub struct HttpUpstream {
     hang: bool,
     /// The first `.0` requests get status `.1`, with `Retry-After: .2` if set.
     fail_first: Option<(u32, StatusCode, Option<&'static str>)>,
+    /// The first `.0` requests take `.1` instead of `delay`.
+    slow_first: Option<(u32, Duration)>,
 }
 
 impl Default for HttpUpstream {
@@ -261,6 +263,7 @@ impl Default for HttpUpstream {
             body: Bytes::from_static(br#"{"ok":true}"#),
             hang: false,
             fail_first: None,
+            slow_first: None,
         }
     }
 }
@@ -287,6 +290,12 @@ impl HttpUpstream {
 
     pub fn hang(mut self) -> Self {
         self.hang = true;
+        self
+    }
+
+    /// The first `n` requests take `delay` (the rest the usual delay).
+    pub fn slow_first(mut self, n: u32, delay: Duration) -> Self {
+        self.slow_first = Some((n, delay));
         self
     }
 
@@ -318,7 +327,11 @@ impl HttpUpstream {
                     std::future::pending::<()>().await;
                 }
                 let nth = log.stats().started;
-                tokio::time::sleep(behaviour.delay).await;
+                let delay = match behaviour.slow_first {
+                    Some((n, slow)) if nth <= n => slow,
+                    _ => behaviour.delay,
+                };
+                tokio::time::sleep(delay).await;
                 in_flight.finish();
                 let mut response = Response::new(Full::new(behaviour.body.clone()));
                 *response.status_mut() = behaviour.status;
