@@ -70,6 +70,7 @@ struct ServerModel {
     max_concurrent_calls: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     queue_timeout: Option<Duration>,
+    metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for ServerModel {
@@ -79,6 +80,7 @@ impl Default for ServerModel {
             drain_timeout: default_drain(),
             max_concurrent_calls: None,
             queue_timeout: None,
+            metrics_listen: None,
         }
     }
 }
@@ -304,6 +306,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Gateway-wide cap on concurrent `Aggregate`/`FetchAll` calls.
     pub max_concurrent_calls: Option<Limit>,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
     /// Every source, sorted by name.
     pub sources: Vec<Arc<SourceSpec>>,
     /// Every aggregation, sorted by name.
@@ -545,6 +549,7 @@ impl Config {
             listen: model.server.listen,
             drain_timeout: model.server.drain_timeout,
             max_concurrent_calls,
+            metrics_listen: model.server.metrics_listen,
             sources,
             aggregations,
         })

@@ -21,6 +21,8 @@ pub const MAX_PARAM_BYTES: usize = 8 * 1024;
 /// The sources and aggregations of a config, with live clients.
 pub struct Gateway {
     aggregations: HashMap<Arc<str>, Aggregation>,
+    /// Every source, by name.
+    sources: Vec<Arc<Source>>,
     /// Active health checks; they stop with the gateway.
     _health_checks: tokio::task::JoinSet<()>,
     /// The gateway-wide cap on calls in flight, if configured.
@@ -79,6 +81,8 @@ impl Gateway {
                 (a.name.clone(), agg)
             })
             .collect();
+        let mut all: Vec<Arc<Source>> = sources.values().cloned().collect();
+        all.sort_by(|a, b| a.name().cmp(b.name()));
         let mut health_checks = tokio::task::JoinSet::new();
         for source in sources.values() {
             if source.spec.health_check.is_some() {
@@ -87,6 +91,7 @@ impl Gateway {
         }
         Self {
             aggregations,
+            sources: all,
             calls: config.max_concurrent_calls.map(Bulkhead::new),
             _health_checks: health_checks,
         }
@@ -126,6 +131,10 @@ impl Gateway {
 }
 
 impl Gateway {
+    pub fn sources(&self) -> &[Arc<Source>] {
+        &self.sources
+    }
+
     /// Each aggregation's name with the open-state of its required sources'
     /// circuit breakers (those that have one).
     pub fn required_breakers(&self) -> Vec<(Arc<str>, Vec<tokio::sync::watch::Receiver<bool>>)> {

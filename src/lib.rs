@@ -20,6 +20,7 @@
 //! - [`coalesce`]: identical concurrent upstream calls share one request.
 //! - [`breaker`]: per-source circuit breakers, fed by calls and health checks.
 //! - [`hedge`]: a second request when the first is slow, within the budget.
+//! - [`metrics`]: Prometheus metrics of the resilience mechanisms.
 //! - [`upstream`]: one source's client: gRPC (dynamic messages, reflection) or HTTP.
 //! - [`error`]: typed errors and the one mapping to `tonic::Status`.
 //! - [`demo`]: the built-in demo upstreams.
@@ -37,6 +38,7 @@ pub mod fanout;
 pub mod gateway;
 pub mod health;
 pub mod hedge;
+pub mod metrics;
 pub mod pb;
 pub mod retry;
 pub mod server;

@@ -82,6 +82,16 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let metrics = match config.metrics_listen {
+        Some(addr) => {
+            let metrics = TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
+            tracing::info!(addr = %metrics.local_addr()?, "metrics at /metrics");
+            Some(metrics)
+        }
+        None => None,
+    };
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "aggregator ready");
     if cli.config.is_none() {
@@ -89,7 +99,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             "try: grpcurl -plaintext -d '{{\"aggregation\":\"user_dashboard\",\"params\":{{\"user_id\":\"42\"}}}}' {addr} aggregator.v1.Aggregator/Aggregate"
         );
     }
-    server::run(listener, config, stop.cancelled_owned()).await?;
+    server::run_with_metrics(listener, metrics, config, stop.cancelled_owned()).await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -51,7 +51,27 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    run_with_metrics(listener, None, config, shutdown).await
+}
+
+/// [`run`], also serving Prometheus metrics on `metrics` until the gRPC
+/// server has stopped.
+pub async fn run_with_metrics(
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
     let gateway = Arc::new(Gateway::new(&config));
+    let stop_metrics = CancellationToken::new();
+    if let Some(metrics) = metrics {
+        tokio::spawn(crate::metrics::serve(
+            metrics,
+            gateway.clone(),
+            stop_metrics.clone().cancelled_owned(),
+        ));
+    }
+    let _stop_metrics = stop_metrics.drop_guard();
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let health = Health::start(reporter, &gateway).await;
     let reflection = || {

@@ -932,3 +932,50 @@ async fn hedges_never_outlive_the_deadline() {
     );
     assert_eq!(upstream.log.stats().started, 1);
 }
+
+// ---- metrics ----
+
+async fn http_get(url: &str) -> (u16, String) {
+    use http_body_util::BodyExt;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let response = client.get(url.parse().unwrap()).await.unwrap();
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8(body.to_vec()).unwrap())
+}
+
+#[tokio::test]
+async fn coalescing_breaker_and_bulkhead_state_are_exported_as_metrics() {
+    let upstream = Upstream::grpc()
+        .delay(Duration::from_millis(200))
+        .start()
+        .await;
+    let (gateway, metrics) = Gateway::start_with_metrics(&format!(
+        "{}max_concurrent = 10\nbreaker = {{ failures = 3 }}\n{}",
+        grpc_source("p", &upstream),
+        aggregation("p", &["p"], ""),
+    ))
+    .await;
+    let client = gateway.client().await;
+    let results = join_all((0..50).map(|_| {
+        let mut client = client.clone();
+        async move { client.aggregate(request("p", "7")).await }
+    }))
+    .await;
+    assert!(results.iter().all(Result::is_ok));
+
+    let (status, text) = http_get(&format!("http://{metrics}/metrics")).await;
+    assert_eq!(status, 200);
+    for line in [
+        "aggregator_coalesce_upstream_calls_total{source=\"p\"} 1",
+        "aggregator_coalesce_joined_calls_total{source=\"p\"} 49",
+        "aggregator_coalesce_keys_in_flight{source=\"p\"} 0",
+        "aggregator_coalesce_peak_waiters{source=\"p\"} 50",
+        "aggregator_circuit_open{source=\"p\"} 0",
+        "aggregator_source_requests_in_flight{source=\"p\"} 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
+    }
+    assert_eq!(http_get(&format!("http://{metrics}/")).await.0, 404);
+}

@@ -154,6 +154,11 @@ impl Source {
         }
     }
 
+    /// Requests holding a slot of its `max_concurrent` cap, if it has one.
+    pub fn in_flight(&self) -> Option<usize> {
+        self.bulkhead.as_ref().map(Bulkhead::in_flight)
+    }
+
     /// The source's circuit breaker, if it has one.
     pub fn breaker(&self) -> Option<&Breaker> {
         self.breaker.as_ref()

@@ -412,12 +412,30 @@ impl Gateway {
     }
 
     pub async fn start_config(config: Config) -> Self {
+        Self::serve(config, None).await
+    }
+
+    /// Also serves Prometheus metrics; returns their address.
+    pub async fn start_with_metrics(toml: &str) -> (Self, SocketAddr) {
+        let config = Config::parse(toml, "test config", Path::new(env!("CARGO_MANIFEST_DIR")))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = metrics.local_addr().unwrap();
+        (Self::serve(config, Some(metrics)).await, addr)
+    }
+
+    async fn serve(config: Config, metrics: Option<TcpListener>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
         let task = tokio::spawn(
-            aggregator::server::run(listener, config, stop.clone().cancelled_owned())
-                .map(|r| r.expect("server failed")),
+            aggregator::server::run_with_metrics(
+                listener,
+                metrics,
+                config,
+                stop.clone().cancelled_owned(),
+            )
+            .map(|r| r.expect("server failed")),
         );
         Self {
             addr,
