@@ -255,7 +255,8 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// `profile=OK/3.1ms orders=UNAVAILABLE/0.4ms slow=cancelled`
+/// `profile=OK/3.1ms/coalesced orders=UNAVAILABLE/0.4ms/3x slow=cancelled`
+/// (`3x`: requests sent, with retries and hedges; `skipped`: circuit open)
 struct Summary<'a>(&'a [Arc<str>], &'a [Outcome]);
 
 impl fmt::Display for Summary<'_> {
@@ -272,6 +273,16 @@ impl fmt::Display for Summary<'_> {
                         .err()
                         .map_or(tonic::Code::Ok, |e| e.code());
                     write!(f, "{name}={code:?}/{:.1}ms", ms(o.elapsed))?;
+                    // Only what differs from one plain request.
+                    if o.attempts > 1 {
+                        write!(f, "/{}x", o.attempts)?;
+                    }
+                    if o.coalesced {
+                        f.write_str("/coalesced")?;
+                    }
+                    if o.skipped {
+                        f.write_str("/skipped")?;
+                    }
                 }
                 None => write!(f, "{name}=cancelled")?,
             }

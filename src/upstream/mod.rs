@@ -8,9 +8,12 @@ pub mod grpc;
 pub mod http;
 pub mod schema;
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicU32, Ordering::Relaxed},
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering::Relaxed},
+    },
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -268,9 +271,24 @@ impl Source {
         sent: &AtomicU32,
     ) -> Result<serde_json::Value, SourceError> {
         sent.fetch_add(1, Relaxed);
-        let Some((hedger, delay)) = self.hedger.as_ref().and_then(|h| Some((h, h.delay()?))) else {
-            return self.send(request, deadline).await;
-        };
+        match self.hedger.as_ref().and_then(|h| Some((h, h.delay()?))) {
+            None => self.send(request, deadline).await,
+            // Boxed: two requests' futures at once would otherwise weigh on
+            // every call in flight, hedged or not.
+            Some((hedger, delay)) => {
+                Box::pin(self.hedged(hedger, delay, request, deadline, sent)).await
+            }
+        }
+    }
+
+    async fn hedged(
+        &self,
+        hedger: &Hedger,
+        delay: Duration,
+        request: Prepared,
+        deadline: Deadline,
+        sent: &AtomicU32,
+    ) -> Result<serde_json::Value, SourceError> {
         let t0 = Instant::now();
         let first = self.send(request.clone(), deadline);
         tokio::pin!(first);
