@@ -42,6 +42,10 @@ struct Args {
     duration: Duration,
     #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
     warmup: Duration,
+    /// Distinct user ids to cycle through (1: every call asks for user 42,
+    /// which request coalescing would share).
+    #[arg(long, default_value_t = 1)]
+    users: u64,
     /// Per-call deadline sent as grpc-timeout.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
     timeout: Duration,
@@ -205,7 +209,7 @@ async fn one_call(args: &Args, channel: Channel) -> Result<(), tonic::Status> {
         Call::Aggregate => {
             let mut request = tonic::Request::new(AggregateRequest {
                 aggregation: args.aggregation.clone(),
-                params: [("user_id".to_owned(), "42".to_owned())].into(),
+                params: [("user_id".to_owned(), user_id(args))].into(),
             });
             request.set_timeout(args.timeout);
             AggregatorClient::new(channel)
@@ -215,7 +219,7 @@ async fn one_call(args: &Args, channel: Channel) -> Result<(), tonic::Status> {
         }
         Call::Profile => {
             let mut request = tonic::Request::new(GetProfileRequest {
-                user_id: "42".into(),
+                user_id: user_id(args),
             });
             request.set_timeout(args.timeout);
             ProfilesClient::new(channel)
@@ -224,4 +228,13 @@ async fn one_call(args: &Args, channel: Channel) -> Result<(), tonic::Status> {
                 .map(|_| ())
         }
     }
+}
+
+fn user_id(args: &Args) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    if args.users <= 1 {
+        return "42".to_owned();
+    }
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % args.users;
+    n.to_string()
 }
