@@ -133,41 +133,33 @@ fn default_check_timeout() -> Duration {
     Duration::from_secs(1)
 }
 
-/// `breaker = { ... }` of a source or of `[defaults]`.
+/// `breaker = { ... }` of a source or of `[defaults]`; also the breaker a
+/// health-checked source gets when it names none.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 struct BreakerModel {
-    #[serde(default = "default_breaker_failures")]
     failures: u32,
     failure_ratio: Option<f64>,
-    #[serde(default = "default_breaker_min_calls")]
     min_calls: u32,
-    #[serde(default = "default_breaker_window", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     window: Duration,
-    #[serde(default = "default_cool_down", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     cool_down: Duration,
-    #[serde(default = "default_max_cool_down", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     max_cool_down: Duration,
 }
 
-fn default_breaker_failures() -> u32 {
-    5
-}
-
-fn default_breaker_min_calls() -> u32 {
-    20
-}
-
-fn default_breaker_window() -> Duration {
-    Duration::from_secs(10)
-}
-
-fn default_cool_down() -> Duration {
-    Duration::from_secs(5)
-}
-
-fn default_max_cool_down() -> Duration {
-    Duration::from_secs(60)
+impl Default for BreakerModel {
+    fn default() -> Self {
+        Self {
+            failures: 5,
+            failure_ratio: None,
+            min_calls: 20,
+            window: Duration::from_secs(10),
+            cool_down: Duration::from_secs(5),
+            max_cool_down: Duration::from_secs(60),
+        }
+    }
 }
 
 /// `retry = { ... }` of a source or of `[defaults]`.
@@ -571,26 +563,57 @@ impl Validator<'_> {
         }
     }
 
-    /// A source's retry policy: its own, else `[defaults]`'s. Retries are for
-    /// sources safe to repeat (gRPC, and HTTP GET/HEAD/PUT/DELETE, unless
-    /// `idempotent` says otherwise); one inherited by another source is
-    /// dropped, one written on it is refused.
-    fn retry(&self, name: &str, model: &SourceModel) -> Result<Option<RetrySpec>, ConfigError> {
-        let (retry, table) = match (&model.retry, &self.defaults.retry) {
-            (Some(own), _) => (own, format!("sources.{name}.retry")),
-            (None, Some(inherited)) => (inherited, "defaults.retry".to_owned()),
-            (None, None) => return Ok(None),
-        };
-        let method = model.method.as_deref().unwrap_or("GET");
-        if !safe_to_repeat(model) {
-            return match model.retry {
-                Some(_) => Err(self.err(
-                    format!("sources.{name}.retry"),
-                    format!("{method} is not safe to repeat; set `idempotent = true` if it is"),
-                )),
-                None => Ok(None),
-            };
+    /// A source's `field` table: its own, else `[defaults]`'s, with the key
+    /// that errors in it name.
+    fn inherit<'m, T>(
+        name: &str,
+        field: &str,
+        own: &'m Option<T>,
+        inherited: &'m Option<T>,
+    ) -> Option<(&'m T, String)> {
+        match (own, inherited) {
+            (Some(own), _) => Some((own, format!("sources.{name}.{field}"))),
+            (None, Some(inherited)) => Some((inherited, format!("defaults.{field}"))),
+            (None, None) => None,
         }
+    }
+
+    /// [`Self::inherit`] for a mechanism that sends a request again (retry,
+    /// hedge): only for sources safe to repeat (gRPC, and HTTP
+    /// GET/HEAD/PUT/DELETE, unless `idempotent` says otherwise). Inherited by
+    /// another source it is dropped; written on it, refused.
+    fn repeating<'m, T>(
+        &self,
+        name: &str,
+        field: &str,
+        model: &SourceModel,
+        own: &'m Option<T>,
+        inherited: &'m Option<T>,
+    ) -> Result<Option<(&'m T, String)>, ConfigError> {
+        let Some(found) = Self::inherit(name, field, own, inherited) else {
+            return Ok(None);
+        };
+        if safe_to_repeat(model) {
+            return Ok(Some(found));
+        }
+        match own {
+            Some(_) => {
+                let method = model.method.as_deref().unwrap_or("GET");
+                Err(self.err(
+                    found.1,
+                    format!("{method} is not safe to repeat; set `idempotent = true` if it is"),
+                ))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// A source's retry policy.
+    fn retry(&self, name: &str, model: &SourceModel) -> Result<Option<RetrySpec>, ConfigError> {
+        let retries = self.repeating(name, "retry", model, &model.retry, &self.defaults.retry)?;
+        let Some((retry, table)) = retries else {
+            return Ok(None);
+        };
         let err = |field: &str, message: &str| self.err(format!("{table}.{field}"), message);
         if retry.attempts < 1 {
             return Err(err(
@@ -621,23 +644,12 @@ impl Validator<'_> {
         }))
     }
 
-    /// Like retries, hedges only for sources safe to repeat.
+    /// A source's hedging; like retries, only where safe to repeat.
     fn hedge(&self, name: &str, model: &SourceModel) -> Result<Option<HedgeSpec>, ConfigError> {
-        let (hedge, table) = match (&model.hedge, &self.defaults.hedge) {
-            (Some(own), _) => (own, format!("sources.{name}.hedge")),
-            (None, Some(inherited)) => (inherited, "defaults.hedge".to_owned()),
-            (None, None) => return Ok(None),
+        let hedges = self.repeating(name, "hedge", model, &model.hedge, &self.defaults.hedge)?;
+        let Some((hedge, table)) = hedges else {
+            return Ok(None);
         };
-        if !safe_to_repeat(model) {
-            let method = model.method.as_deref().unwrap_or("GET");
-            return match model.hedge {
-                Some(_) => Err(self.err(
-                    format!("sources.{name}.hedge"),
-                    format!("{method} is not safe to repeat; set `idempotent = true` if it is"),
-                )),
-                None => Ok(None),
-            };
-        }
         let delay = match hedge.delay.as_str() {
             "p95" => HedgeDelay::P95 {
                 min: hedge.min_delay.unwrap_or(Duration::from_millis(1)),
@@ -728,12 +740,18 @@ impl Validator<'_> {
         }))
     }
 
+    /// A source's circuit breaker: its own or `[defaults]`'s, else the
+    /// default one when `health_check` needs a circuit to open.
     fn breaker(&self, name: &str, model: &SourceModel) -> Result<Option<BreakerSpec>, ConfigError> {
-        let (b, table) = match (&model.breaker, &self.defaults.breaker) {
-            (Some(own), _) => (own, format!("sources.{name}.breaker")),
-            (None, Some(inherited)) => (inherited, "defaults.breaker".to_owned()),
-            (None, None) => return Ok(None),
-        };
+        let default = BreakerModel::default();
+        let (b, table) =
+            match Self::inherit(name, "breaker", &model.breaker, &self.defaults.breaker) {
+                Some(found) => found,
+                None if model.health_check.is_some() => {
+                    (&default, format!("sources.{name}.breaker"))
+                }
+                None => return Ok(None),
+            };
         let err = |field: &str, message: &str| self.err(format!("{table}.{field}"), message);
         if b.failures < 1 {
             return Err(err("failures", "must be at least 1"));
@@ -842,17 +860,7 @@ impl Validator<'_> {
         let retry = self.retry(&name, &model)?;
         let health_check = self.health_check(&name, &model)?;
         let hedge = self.hedge(&name, &model)?;
-        let breaker = self.breaker(&name, &model)?.or_else(|| {
-            // Health checks need a circuit to open: the default one.
-            health_check.as_ref().map(|_| BreakerSpec {
-                failures: default_breaker_failures(),
-                failure_ratio: None,
-                min_calls: default_breaker_min_calls(),
-                window: default_breaker_window(),
-                cool_down: default_cool_down(),
-                max_cool_down: default_max_cool_down(),
-            })
-        });
+        let breaker = self.breaker(&name, &model)?;
         // On by default for reads (gRPC methods not marked `idempotent =
         // false`, HTTP GET and HEAD); other sources only by their own say.
         let read = match model.kind {

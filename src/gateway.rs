@@ -290,3 +290,56 @@ impl fmt::Display for Summary<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::SourceError;
+
+    fn outcome(name: &str, result: Result<serde_json::Value, SourceError>) -> Outcome {
+        Outcome {
+            source: name.into(),
+            optional: false,
+            result,
+            elapsed: Duration::from_micros(3_140),
+            attempts: 1,
+            coalesced: false,
+            skipped: false,
+            fallback: None,
+        }
+    }
+
+    #[test]
+    fn the_call_summary_shows_what_each_source_came_to() {
+        let names: Vec<Arc<str>> = ["plain", "retried", "shared", "open", "slow"]
+            .map(Arc::from)
+            .into();
+        let outcomes = [
+            outcome("plain", Ok(serde_json::Value::Null)),
+            Outcome {
+                attempts: 3,
+                ..outcome("retried", Err(SourceError::Timeout(Duration::from_secs(1))))
+            },
+            Outcome {
+                coalesced: true,
+                ..outcome("shared", Ok(serde_json::Value::Null))
+            },
+            Outcome {
+                skipped: true,
+                attempts: 0,
+                ..outcome(
+                    "open",
+                    Err(SourceError::CircuitOpen {
+                        source_name: "open".into(),
+                        retry_in: Duration::from_secs(1),
+                    }),
+                )
+            },
+        ];
+        assert_eq!(
+            Summary(&names, &outcomes).to_string(),
+            "plain=Ok/3.1ms retried=DeadlineExceeded/3.1ms/3x shared=Ok/3.1ms/coalesced \
+             open=Unavailable/3.1ms/skipped slow=cancelled"
+        );
+    }
+}

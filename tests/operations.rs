@@ -243,7 +243,8 @@ async fn shutdown_reports_not_serving_and_drains_in_flight_calls() {
     let channel = gateway.channel().await;
     let mut health = HealthClient::new(channel.clone());
     let mut watches = Vec::new();
-    for service in ["", SERVICE] {
+    let services = ["", SERVICE, "aggregator.v1.Aggregator/dash"];
+    for service in services {
         let mut watch = health
             .watch(health_request(service))
             .await
@@ -261,7 +262,7 @@ async fn shutdown_reports_not_serving_and_drains_in_flight_calls() {
     );
     gateway.signal_stop();
 
-    for (service, watch) in ["", SERVICE].iter().zip(&mut watches) {
+    for (service, watch) in services.iter().zip(&mut watches) {
         assert_eq!(
             next_status(watch).await,
             ServingStatus::NotServing,

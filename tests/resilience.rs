@@ -29,6 +29,15 @@ fn request(aggregation: &str, user_id: &str) -> AggregateRequest {
     }
 }
 
+/// A gateway over one source (its TOML), in an aggregation of the same name.
+async fn one_source(source: String, name: &str, aggregation_extra: &str) -> Gateway {
+    Gateway::start(&format!(
+        "{source}{}",
+        aggregation(name, &[name], aggregation_extra)
+    ))
+    .await
+}
+
 /// Sends `n` Aggregate calls at once; each result with its latency.
 async fn flood(
     client: &AggregatorClient<Channel>,
@@ -67,11 +76,14 @@ fn refused(
 #[tokio::test]
 async fn source_cap_sheds_a_flood_and_the_upstream_never_sees_more() {
     let slow = Upstream::grpc().delay(SLOW).start().await;
-    let gateway = Gateway::start(&format!(
-        "{}max_concurrent = 2\nqueue_timeout = \"20ms\"\n{}",
-        grpc_source("slow", &slow),
-        aggregation("slow", &["slow"], "")
-    ))
+    let gateway = one_source(
+        format!(
+            "{}max_concurrent = 2\nqueue_timeout = \"20ms\"\n",
+            grpc_source("slow", &slow)
+        ),
+        "slow",
+        "",
+    )
     .await;
     let client = gateway.client().await;
 
@@ -104,11 +116,14 @@ async fn source_cap_sheds_a_flood_and_the_upstream_never_sees_more() {
 async fn a_queued_call_takes_a_slot_freed_within_its_queue_time() {
     let delay = Duration::from_millis(200);
     let upstream = Upstream::grpc().delay(delay).start().await;
-    let gateway = Gateway::start(&format!(
-        "{}max_concurrent = 1\nqueue_timeout = \"5s\"\n{}",
-        grpc_source("one", &upstream),
-        aggregation("one", &["one"], "")
-    ))
+    let gateway = one_source(
+        format!(
+            "{}max_concurrent = 1\nqueue_timeout = \"5s\"\n",
+            grpc_source("one", &upstream)
+        ),
+        "one",
+        "",
+    )
     .await;
     let client = gateway.client().await;
 
@@ -348,11 +363,13 @@ async fn retries_stop_before_the_deadline() {
         .fail_with(Code::Unavailable, "down")
         .start()
         .await;
-    let gateway = Gateway::start(&format!(
-        "{}retry = {{ attempts = 1000, backoff = \"10ms\", max_backoff = \"10ms\", budget = 10.0 }}\n{}",
-        grpc_source("down", &down),
-        aggregation("down", &["down"], "timeout = \"300ms\""),
-    ))
+    let retry =
+        "retry = { attempts = 1000, backoff = \"10ms\", max_backoff = \"10ms\", budget = 10.0 }";
+    let gateway = one_source(
+        format!("{}{retry}\n", grpc_source("down", &down)),
+        "down",
+        "timeout = \"300ms\"",
+    )
     .await;
     let mut client = gateway.client().await;
 
@@ -373,11 +390,14 @@ async fn retries_stop_before_the_deadline() {
 #[tokio::test]
 async fn retry_after_is_waited_for() {
     let busy = Upstream::http().fail_first(1, 429, Some("1")).start().await;
-    let gateway = Gateway::start(&format!(
-        "{}retry = {{ attempts = 2, backoff = \"1ms\" }}\n{}",
-        http_source("busy", &busy, "/u"),
-        aggregation("busy", &["busy"], ""),
-    ))
+    let gateway = one_source(
+        format!(
+            "{}retry = {{ attempts = 2, backoff = \"1ms\" }}\n",
+            http_source("busy", &busy, "/u")
+        ),
+        "busy",
+        "",
+    )
     .await;
     let mut client = gateway.client().await;
 
@@ -393,11 +413,14 @@ async fn the_retry_budget_stops_a_retry_storm() {
         .fail_with(Code::Unavailable, "down")
         .start()
         .await;
-    let gateway = Gateway::start(&format!(
-        "{}retry = {{ attempts = 3, backoff = \"1ms\", budget = 0.1, min_per_second = 0 }}\n{}",
-        grpc_source("down", &down),
-        aggregation("down", &["down"], ""),
-    ))
+    let gateway = one_source(
+        format!(
+            "{}retry = {{ attempts = 3, backoff = \"1ms\", budget = 0.1, min_per_second = 0 }}\n",
+            grpc_source("down", &down)
+        ),
+        "down",
+        "",
+    )
     .await;
     let mut client = gateway.client().await;
 
@@ -466,12 +489,7 @@ async fn the_caller_that_started_a_shared_call_can_leave_without_failing_the_oth
         .delay(Duration::from_millis(300))
         .start()
         .await;
-    let gateway = Gateway::start(&format!(
-        "{}{}",
-        grpc_source("p", &upstream),
-        aggregation("p", &["p"], "")
-    ))
-    .await;
+    let gateway = one_source(grpc_source("p", &upstream), "p", "").await;
     let client = gateway.client().await;
 
     let starter = tokio::spawn({
@@ -503,12 +521,7 @@ async fn the_caller_that_started_a_shared_call_can_leave_without_failing_the_oth
 #[tokio::test]
 async fn a_shared_call_is_cancelled_upstream_when_its_last_caller_leaves() {
     let upstream = Upstream::http().hang().start().await;
-    let gateway = Gateway::start(&format!(
-        "{}{}",
-        http_source("stuck", &upstream, "/u/{user_id}"),
-        aggregation("stuck", &["stuck"], "")
-    ))
-    .await;
+    let gateway = one_source(http_source("stuck", &upstream, "/u/{user_id}"), "stuck", "").await;
     let client = gateway.client().await;
 
     let callers: Vec<_> = (0..3)
@@ -547,12 +560,7 @@ async fn waiters_with_time_left_get_a_fresh_call_when_the_shared_one_expires() {
         .delay(Duration::from_millis(300))
         .start()
         .await;
-    let gateway = Gateway::start(&format!(
-        "{}{}",
-        grpc_source("p", &upstream),
-        aggregation("p", &["p"], "")
-    ))
-    .await;
+    let gateway = one_source(grpc_source("p", &upstream), "p", "").await;
     let client = gateway.client().await;
 
     let short = tokio::spawn({
@@ -720,11 +728,14 @@ async fn a_required_source_with_an_open_circuit_fails_the_call_at_once() {
         .fail_with(Code::Unavailable, "down")
         .start()
         .await;
-    let gateway = Gateway::start(&format!(
-        "{}breaker = {{ failures = 2, cool_down = \"10s\" }}\n{}",
-        grpc_source("down", &down),
-        aggregation("down", &["down"], ""),
-    ))
+    let gateway = one_source(
+        format!(
+            "{}breaker = {{ failures = 2, cool_down = \"10s\" }}\n",
+            grpc_source("down", &down)
+        ),
+        "down",
+        "",
+    )
     .await;
     let mut client = gateway.client().await;
     for i in 0..2 {
@@ -871,11 +882,14 @@ async fn a_hedge_wins_against_a_slow_first_attempt_and_cancels_it() {
         .slow_first(1, Duration::from_secs(5))
         .start()
         .await;
-    let gateway = Gateway::start(&format!(
-        "{}hedge = {{ delay = \"50ms\" }}\n{}",
-        http_source("hedged", &upstream, "/u/{user_id}"),
-        aggregation("hedged", &["hedged"], ""),
-    ))
+    let gateway = one_source(
+        format!(
+            "{}hedge = {{ delay = \"50ms\" }}\n",
+            http_source("hedged", &upstream, "/u/{user_id}")
+        ),
+        "hedged",
+        "",
+    )
     .await;
     let mut client = gateway.client().await;
 
@@ -914,11 +928,14 @@ async fn a_hedge_wins_against_a_slow_first_attempt_and_cancels_it() {
 #[tokio::test]
 async fn hedges_never_outlive_the_deadline() {
     let upstream = Upstream::http().delay(Duration::from_secs(5)).start().await;
-    let gateway = Gateway::start(&format!(
-        "{}hedge = {{ delay = \"300ms\" }}\n{}",
-        http_source("slow", &upstream, "/u/{user_id}"),
-        aggregation("slow", &["slow"], "timeout = \"200ms\""),
-    ))
+    let gateway = one_source(
+        format!(
+            "{}hedge = {{ delay = \"300ms\" }}\n",
+            http_source("slow", &upstream, "/u/{user_id}")
+        ),
+        "slow",
+        "timeout = \"200ms\"",
+    )
     .await;
     let mut client = gateway.client().await;
     let status = client.aggregate(request("slow", "1")).await.unwrap_err();
