@@ -92,7 +92,7 @@ impl Gateway {
         Self {
             aggregations,
             sources: all,
-            calls: config.max_concurrent_calls.map(Bulkhead::new),
+            calls: config.server.max_concurrent_calls.map(Bulkhead::new),
             _health_checks: health_checks,
         }
     }

@@ -79,10 +79,10 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             config
         }
     };
-    let listener = TcpListener::bind(config.listen)
+    let listener = TcpListener::bind(config.server.listen)
         .await
-        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
-    let metrics = match config.metrics_listen {
+        .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
+    let metrics = match config.server.metrics_listen {
         Some(addr) => {
             let metrics = TcpListener::bind(addr)
                 .await

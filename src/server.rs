@@ -102,7 +102,7 @@ pub async fn run_with_metrics(
         service,
         H2Limits::default(),
         announce_stop,
-        config.drain_timeout,
+        config.server.drain_timeout,
     )
     .await;
     Ok(())

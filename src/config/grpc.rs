@@ -1,0 +1,115 @@
+//! `kind = "grpc"` sources: endpoint, method, the request template and the
+//! descriptors that give the method's schema at load.
+
+use std::path::{Path, PathBuf};
+
+use http::{Uri, uri::PathAndQuery};
+
+use super::{ConfigError, Validator, source::SourceModel, toml_to_json};
+use crate::{
+    template::{JsonTemplate, TemplateError},
+    upstream::schema::{self, MethodSchema},
+};
+
+#[derive(Debug)]
+pub struct GrpcSpec {
+    pub endpoint: Uri,
+    /// Fully qualified service name, e.g. `demo.v1.Profiles`.
+    pub service: String,
+    pub method: String,
+    /// `/service/method`, the HTTP/2 path of the call.
+    pub path: PathAndQuery,
+    pub request: JsonTemplate,
+    /// Known at load when `protos` or `descriptor_set` is given; else learned
+    /// from the upstream's reflection on first use.
+    pub schema: Option<MethodSchema>,
+}
+
+impl Validator<'_> {
+    /// The gRPC part of `[sources.NAME]`.
+    pub(super) fn grpc(&self, name: &str, model: &SourceModel) -> Result<GrpcSpec, ConfigError> {
+        let key = |field: &str| format!("sources.{name}.{field}");
+        let template_err = |field: &str, e: TemplateError| self.err(key(field), e.to_string());
+        let endpoint: Uri = self
+            .required(name, &model.endpoint, "endpoint", "an http://host:port URL")?
+            .parse()
+            .ok()
+            .filter(|u: &Uri| u.scheme_str() == Some("http") && u.authority().is_some())
+            .ok_or_else(|| self.err(key("endpoint"), "expected an http://host:port URL"))?;
+        let method = self.required(name, &model.method, "method", "`package.Service/Method`")?;
+        let (service, method) = method
+            .split_once('/')
+            .filter(|(s, m)| s.contains('.') && !m.is_empty() && !m.contains('/'))
+            .ok_or_else(|| self.err(key("method"), "expected `package.Service/Method`"))?;
+        let path = PathAndQuery::try_from(format!("/{service}/{method}"))
+            .map_err(|e| self.err(key("method"), e.to_string()))?;
+        let request = toml_to_json(&toml::Value::Table(
+            model.request.clone().unwrap_or_default(),
+        ))
+        .map_err(|m| self.err(key("request"), m))?;
+        let request = JsonTemplate::compile(&request).map_err(|e| template_err("request", e))?;
+        let schema = self
+            .schema(
+                model.protos.as_deref().unwrap_or_default(),
+                model.import_paths.as_deref().unwrap_or_default(),
+                model.descriptor_set.as_deref(),
+            )
+            .map_err(|(field, m)| self.err(key(field), m))?
+            .map(|pool| {
+                let s = schema::method_schema(&pool, service, method)?;
+                schema::check_template(&request, &s.input)?;
+                Ok(s)
+            })
+            .transpose()
+            .map_err(|m: String| self.err(key("method"), m))?;
+        Ok(GrpcSpec {
+            endpoint,
+            service: service.to_owned(),
+            method: method.to_owned(),
+            path,
+            request,
+            schema,
+        })
+    }
+
+    /// Loads descriptors named in the config, if any: (field, message) on error.
+    fn schema(
+        &self,
+        protos: &[PathBuf],
+        import_paths: &[PathBuf],
+        descriptor_set: Option<&Path>,
+    ) -> Result<Option<prost_reflect::DescriptorPool>, (&'static str, String)> {
+        let resolve = |p: &Path| self.base_dir.join(p);
+        match (protos.is_empty(), descriptor_set) {
+            (true, None) => Ok(None),
+            (false, Some(_)) => Err((
+                "descriptor_set",
+                "give either `protos` or `descriptor_set`, not both".into(),
+            )),
+            (true, Some(path)) => {
+                let path = resolve(path);
+                let bytes = std::fs::read(&path)
+                    .map_err(|e| ("descriptor_set", format!("{}: {e}", path.display())))?;
+                prost_reflect::DescriptorPool::decode(bytes.as_slice())
+                    .map(Some)
+                    .map_err(|e| ("descriptor_set", format!("{}: {e}", path.display())))
+            }
+            (false, None) => {
+                let mut includes: Vec<PathBuf> = import_paths.iter().map(|p| resolve(p)).collect();
+                if includes.is_empty() {
+                    includes.push(self.base_dir.to_path_buf());
+                }
+                // A proto is named relative to the config file or to an import path.
+                let protos: Vec<PathBuf> = protos
+                    .iter()
+                    .map(|p| Some(resolve(p)).filter(|r| r.exists()).unwrap_or(p.clone()))
+                    .collect();
+                let fds =
+                    protox::compile(&protos, &includes).map_err(|e| ("protos", e.to_string()))?;
+                prost_reflect::DescriptorPool::from_file_descriptor_set(fds)
+                    .map(Some)
+                    .map_err(|e| ("protos", e.to_string()))
+            }
+        }
+    }
+}

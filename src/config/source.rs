@@ -1,0 +1,218 @@
+//! `[sources.NAME]`: the keys common to every source, and the runtime spec.
+//! The kinds have their own files, [`super::grpc`] and [`super::http`].
+
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
+
+use serde::Deserialize;
+
+use super::{
+    ConfigError, Validator,
+    defaults::Limit,
+    grpc::GrpcSpec,
+    http::HttpSpec,
+    resilience::{
+        BreakerModel, BreakerSpec, HealthCheckModel, HealthCheckSpec, HedgeModel, HedgeSpec,
+        RetryModel, RetrySpec,
+    },
+    toml_to_json,
+};
+use crate::template::JsonTemplate;
+
+/// Default cap on an upstream response body.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
+
+/// One `[sources.NAME]` table. Flat rather than an enum tagged by `kind`:
+/// serde buffers tagged enums, and toml then loses the key and line of an
+/// error inside the table. Keys of the other kind are refused in validation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SourceModel {
+    pub(super) kind: SourceKindModel,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) timeout: Option<Duration>,
+    pub(super) max_response_bytes: Option<usize>,
+    pub(super) max_concurrent: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) queue_timeout: Option<Duration>,
+    pub(super) fallback: Option<toml::Value>,
+    pub(super) retry: Option<RetryModel>,
+    pub(super) idempotent: Option<bool>,
+    pub(super) coalesce: Option<bool>,
+    pub(super) breaker: Option<BreakerModel>,
+    pub(super) health_check: Option<HealthCheckModel>,
+    pub(super) hedge: Option<HedgeModel>,
+    /// gRPC: `package.Service/Method`; HTTP: the request method.
+    pub(super) method: Option<String>,
+    // gRPC only
+    pub(super) endpoint: Option<String>,
+    pub(super) request: Option<toml::Table>,
+    pub(super) protos: Option<Vec<PathBuf>>,
+    pub(super) import_paths: Option<Vec<PathBuf>>,
+    pub(super) descriptor_set: Option<PathBuf>,
+    // HTTP only
+    pub(super) url: Option<String>,
+    pub(super) headers: Option<BTreeMap<String, String>>,
+    pub(super) body: Option<toml::Value>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum SourceKindModel {
+    Grpc,
+    Http,
+}
+
+impl SourceModel {
+    /// The first key set that belongs to the other kind of source.
+    fn foreign_key(&self) -> Option<&'static str> {
+        let set = |present: bool, key: &'static str| present.then_some(key);
+        match self.kind {
+            SourceKindModel::Grpc => set(self.url.is_some(), "url")
+                .or(set(self.headers.is_some(), "headers"))
+                .or(set(self.body.is_some(), "body")),
+            SourceKindModel::Http => set(self.endpoint.is_some(), "endpoint")
+                .or(set(self.request.is_some(), "request"))
+                .or(set(self.protos.is_some(), "protos"))
+                .or(set(self.import_paths.is_some(), "import_paths"))
+                .or(set(self.descriptor_set.is_some(), "descriptor_set")),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct SourceSpec {
+    pub name: Arc<str>,
+    /// The source's own bound on one call, if shorter than the call's deadline.
+    pub timeout: Option<Duration>,
+    /// Largest response body accepted from the upstream.
+    pub max_response_bytes: usize,
+    /// Cap on this source's concurrent upstream requests.
+    pub max_concurrent: Option<Limit>,
+    /// Served in place of the data when the source fails and the call goes on.
+    pub fallback: Option<serde_json::Value>,
+    /// Retries; only ever set on a source that is safe to repeat.
+    pub retry: Option<RetrySpec>,
+    /// Whether identical concurrent calls share one upstream request.
+    pub coalesce: bool,
+    /// Set whenever `health_check` is (the checks feed it).
+    pub breaker: Option<BreakerSpec>,
+    pub health_check: Option<HealthCheckSpec>,
+    /// Hedged requests; only ever set on a source that is safe to repeat.
+    pub hedge: Option<HedgeSpec>,
+    pub kind: SourceKind,
+}
+
+/// When to send a second, identical request.
+
+#[derive(Debug)]
+pub enum SourceKind {
+    Grpc(GrpcSpec),
+    Http(HttpSpec),
+}
+
+impl SourceSpec {
+    /// The placeholder names this source's requests need, deduplicated.
+    pub fn params(&self) -> Vec<Arc<str>> {
+        let all: Vec<&Arc<str>> = match &self.kind {
+            SourceKind::Grpc(g) => g.request.params().collect(),
+            SourceKind::Http(h) => h
+                .url
+                .params()
+                .chain(h.headers.iter().flat_map(|(_, t)| t.params()))
+                .chain(h.body.iter().flat_map(JsonTemplate::params))
+                .collect(),
+        };
+        let mut out: Vec<Arc<str>> = Vec::new();
+        for p in all {
+            if !out.contains(p) {
+                out.push(p.clone());
+            }
+        }
+        out
+    }
+}
+
+impl Validator<'_> {
+    pub(super) fn source(
+        &self,
+        name: String,
+        model: SourceModel,
+    ) -> Result<SourceSpec, ConfigError> {
+        self.name("sources", &name)?;
+        let key = |field: &str| format!("sources.{name}.{field}");
+        if let Some(foreign) = model.foreign_key() {
+            let kind = match model.kind {
+                SourceKindModel::Grpc => "grpc",
+                SourceKindModel::Http => "http",
+            };
+            return Err(self.err(key(foreign), format!("not a key of {kind} sources")));
+        }
+        let d = self.defaults;
+        let timeout = model.timeout.or(d.timeout);
+        let max_response_bytes = model.max_response_bytes.or(d.max_response_bytes);
+        let max_concurrent = self.limit(
+            &format!("sources.{name}"),
+            model.max_concurrent.or(d.max_concurrent),
+            model.queue_timeout.or(d.queue_timeout),
+        )?;
+        let retry = self.retry(&name, &model)?;
+        let health_check = self.health_check(&name, &model)?;
+        let hedge = self.hedge(&name, &model)?;
+        let breaker = self.breaker(&name, &model)?;
+        // On by default for reads (gRPC methods not marked `idempotent =
+        // false`, HTTP GET and HEAD); other sources only by their own say.
+        let read = match model.kind {
+            SourceKindModel::Grpc => model.idempotent.unwrap_or(true),
+            SourceKindModel::Http => matches!(model.method.as_deref(), None | Some("GET" | "HEAD")),
+        };
+        let coalesce = match model.coalesce {
+            Some(own) => own,
+            None => self.defaults.coalesce.unwrap_or(true) && read,
+        };
+        let fallback = model
+            .fallback
+            .as_ref()
+            .map(toml_to_json)
+            .transpose()
+            .map_err(|m| self.err(key("fallback"), m))?;
+        let kind = match model.kind {
+            SourceKindModel::Grpc => SourceKind::Grpc(self.grpc(&name, &model)?),
+            SourceKindModel::Http => SourceKind::Http(self.http(&name, &model)?),
+        };
+        if timeout == Some(Duration::ZERO) {
+            return Err(self.err(key("timeout"), "must be greater than zero"));
+        }
+        if max_response_bytes == Some(0) {
+            return Err(self.err(key("max_response_bytes"), "must be greater than zero"));
+        }
+        Ok(SourceSpec {
+            name: name.into(),
+            timeout,
+            max_response_bytes: max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES),
+            max_concurrent,
+            fallback,
+            retry,
+            coalesce,
+            breaker,
+            health_check,
+            hedge,
+            kind,
+        })
+    }
+
+    /// A key a source of its kind must have.
+    pub(super) fn required<'m>(
+        &self,
+        name: &str,
+        value: &'m Option<String>,
+        field: &str,
+        expected: &str,
+    ) -> Result<&'m str, ConfigError> {
+        value.as_deref().ok_or_else(|| {
+            self.err(
+                format!("sources.{name}.{field}"),
+                format!("missing; expected {expected}"),
+            )
+        })
+    }
+}
