@@ -10,7 +10,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::{bulkhead::Full, template::RenderError};
+use crate::{resilience::bulkhead::Full, template::RenderError};
 
 /// The `google.rpc.ErrorInfo` domain of errors raised by the gateway.
 pub const ERROR_DOMAIN: &str = "aggregator";

@@ -6,11 +6,11 @@ use std::{collections::HashMap, fmt, sync::Arc, time::Duration};
 use tokio::time::Instant;
 
 use crate::{
-    bulkhead::Bulkhead,
     config::{Config, Mode},
     deadline::Deadline,
     error::Error,
     fanout::{self, Outcome},
+    resilience::bulkhead::Bulkhead,
     template::{Params, RenderError},
     upstream::{Source, http},
 };

@@ -14,12 +14,8 @@
 //! - [`gateway`]: resolves an aggregation, checks params, computes the deadline.
 //! - [`deadline`]: the deadline as a value, and `grpc-timeout` parsing.
 //! - [`fanout`]: concurrent dispatch; fail-fast vs best-effort.
-//! - [`bulkhead`]: concurrency caps per source and gateway-wide, with a
-//!   bounded wait, so overload is refused rather than queued.
-//! - [`retry`]: backoff, what is safe to retry, the deadline and the budget.
-//! - [`coalesce`]: identical concurrent upstream calls share one request.
-//! - [`breaker`]: per-source circuit breakers, fed by calls and health checks.
-//! - [`hedge`]: a second request when the first is slow, within the budget.
+//! - [`resilience`]: one state machine per file: bulkheads, retries,
+//!   coalescing, circuit breakers, hedging.
 //! - [`metrics`]: Prometheus metrics of the resilience mechanisms.
 //! - [`upstream`]: one source's client: gRPC (dynamic messages, reflection) or HTTP.
 //! - [`error`]: typed errors and the one mapping to `tonic::Status`.
@@ -27,9 +23,6 @@
 //! - [`pb`]: generated protobuf code.
 
 pub mod api;
-pub mod breaker;
-pub mod bulkhead;
-pub mod coalesce;
 pub mod config;
 pub mod deadline;
 pub mod demo;
@@ -37,10 +30,9 @@ pub mod error;
 pub mod fanout;
 pub mod gateway;
 pub mod health;
-pub mod hedge;
 pub mod metrics;
 pub mod pb;
-pub mod retry;
+pub mod resilience;
 pub mod server;
 pub mod telemetry;
 pub mod template;

@@ -21,14 +21,16 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::{
-    breaker::Breaker,
-    bulkhead::Bulkhead,
-    coalesce::{Coalescer, Role},
     config::{HealthTarget, SourceKind, SourceSpec},
     deadline::Deadline,
     error::SourceError,
-    hedge::Hedger,
-    retry::{Decision, Retrier},
+    resilience::{
+        breaker::Breaker,
+        bulkhead::Bulkhead,
+        coalesce::{Coalescer, Role},
+        hedge::Hedger,
+        retry::{Decision, Retrier},
+    },
     template::{Params, RenderError},
 };
 
@@ -168,7 +170,7 @@ impl Source {
     }
 
     /// Counters of request coalescing, if the source coalesces.
-    pub fn coalescing(&self) -> Option<crate::coalesce::Stats> {
+    pub fn coalescing(&self) -> Option<crate::resilience::coalesce::Stats> {
         self.coalescer.as_ref().map(Coalescer::stats)
     }
 
