@@ -26,7 +26,7 @@ use crate::{
             profiles_server::{Profiles, ProfilesServer},
         },
     },
-    server::{H2Limits, accept_loop, serve_h2},
+    server::{ConnPolicy, H2Limits, accept_loop, serve_h2},
 };
 
 /// The commented example config, written for the demo upstreams.
@@ -59,15 +59,24 @@ pub async fn serve(
     let drain = Duration::from_secs(1);
     let orders = TowerToHyperService::new(tower::service_fn(move |req| orders(req, delay)));
     let http_server = auto::Builder::new(TokioExecutor::new());
+    let policy = ConnPolicy::default();
     tokio::join!(
         // The gateway holds one connection per gRPC upstream; let it carry
         // every call in flight, as the benchmark's 10,000 do.
-        serve_h2(grpc, routes, UPSTREAM_H2, shutdown.clone(), drain),
+        serve_h2(
+            grpc,
+            routes,
+            UPSTREAM_H2,
+            policy.clone(),
+            shutdown.clone(),
+            drain
+        ),
         accept_loop(
             http,
-            move |stream| {
+            policy,
+            move |io, _| {
                 http_server
-                    .serve_connection(TokioIo::new(stream), orders)
+                    .serve_connection(TokioIo::new(io), orders)
                     .into_owned()
             },
             shutdown,
@@ -80,6 +89,7 @@ pub async fn serve(
 const UPSTREAM_H2: H2Limits = H2Limits {
     max_concurrent_streams: Some(100_000),
     connection_window: Some(16 << 20),
+    keepalive: None,
 };
 
 /// Waits `duration` to within tens of microseconds. tokio's timer rounds up

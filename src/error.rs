@@ -178,6 +178,20 @@ fn next_cause<'a>(
     (*e).source()
 }
 
+/// `text` cut to at most `max` bytes (on a character boundary), marked with
+/// an ellipsis and the full length when cut: callers and upstreams choose
+/// what they send, not how much of it comes back in a status or a log.
+pub fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &text[..end], text.len())
+}
+
 /// Maps an HTTP status the way google.rpc.Code documents it.
 pub fn http_status_code(status: http::StatusCode) -> Code {
     match status.as_u16() {

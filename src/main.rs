@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use aggregator::{config::Config, demo, server, telemetry};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -14,6 +14,10 @@ struct Cli {
     /// Config file (TOML). Without it, demo upstreams start on loopback.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Address to serve gRPC on, overriding `[server] listen`
+    /// (default 127.0.0.1:50051); port 0 picks a free one.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
     /// Log output: human-readable text or one JSON object per line.
     #[arg(long, value_enum, default_value_t, global = true)]
     log_format: telemetry::LogFormat,
@@ -40,12 +44,20 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.command.is_some() && (cli.config.is_some() || cli.listen.is_some()) {
+        // Silently ignoring them would leave the user debugging the wrong thing.
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--config and --listen are for the gateway; demo-upstreams takes --grpc, --http and --delay",
+            )
+            .exit();
+    }
     telemetry::init(cli.log_format);
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error}");
-            eprintln!("error: {error}");
             ExitCode::FAILURE
         }
     }
@@ -63,8 +75,16 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         demo::serve(grpc, http, delay, stop.cancelled_owned()).await?;
         return Ok(());
     }
-    let config = match &cli.config {
-        Some(path) => Config::load(path)?,
+    let mut config = match &cli.config {
+        Some(path) => {
+            let config = Config::load(path)?;
+            let (sources, aggregations) = (config.sources.len(), config.aggregations.len());
+            tracing::info!(config = %path.display(), sources, aggregations, "config loaded");
+            if aggregations == 0 {
+                tracing::warn!(config = %path.display(), "the config has no aggregations: every call will be NOT_FOUND");
+            }
+            config
+        }
         None => {
             let grpc = TcpListener::bind("127.0.0.1:0").await?;
             let http = TcpListener::bind("127.0.0.1:0").await?;
@@ -79,6 +99,9 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             config
         }
     };
+    if let Some(listen) = cli.listen {
+        config.server.listen = listen;
+    }
     let listener = TcpListener::bind(config.server.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;

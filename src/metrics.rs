@@ -10,7 +10,7 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioIo, TokioTimer},
     server::conn::auto,
     service::TowerToHyperService,
 };
@@ -22,29 +22,50 @@ use prometheus_client::{
 };
 use tokio::net::TcpListener;
 
-use crate::{gateway::Gateway, server::accept_loop, upstream::Source};
+use crate::{
+    gateway::Gateway,
+    server::{ConnPolicy, accept_loop, stream::StreamExecutor, track::Track},
+    upstream::Source,
+};
 
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Serves `/metrics` until `shutdown`.
+/// Serves `/metrics` until `shutdown`, over HTTP/1 or HTTP/2, with the
+/// connection limits of `policy` and `header_read_timeout` for HTTP/1.
 pub async fn serve(
     listener: TcpListener,
     gateway: Arc<Gateway>,
+    policy: ConnPolicy,
+    header_read_timeout: Duration,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(Sources(gateway)));
     let registry = Arc::new(registry);
-    let service = TowerToHyperService::new(tower::service_fn(move |req: Request<Incoming>| {
+    let service = tower::service_fn(move |req: Request<Incoming>| {
         let registry = registry.clone();
         async move { Ok::<_, Infallible>(respond(&req, &registry)) }
-    }));
-    let server = auto::Builder::new(TokioExecutor::new());
+    });
+    // Pings find dead scrapers; the idle timeout closes live ones that left.
+    let keepalive = policy.idle_timeout.map(|idle| idle.min(Duration::from_secs(60)));
+    let mut server = auto::Builder::new(StreamExecutor);
+    server
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    server
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(keepalive);
     accept_loop(
         listener,
-        move |stream| {
+        policy,
+        move |io, state| {
             server
-                .serve_connection(TokioIo::new(stream), service.clone())
+                .serve_connection(
+                    TokioIo::new(io),
+                    TowerToHyperService::new(Track::new(service.clone(), state)),
+                )
                 .into_owned()
         },
         shutdown,

@@ -1,4 +1,6 @@
-//! `[server]`: the gateway's own listeners, caps and timeouts.
+//! `[server]`: the gateway's own listeners, caps and timeouts. The defaults
+//! follow grpc-go's and Envoy's where they have one, tightened where theirs
+//! is "never" (an idle connection, a handshake that does not come).
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -7,36 +9,58 @@ use serde::Deserialize;
 use super::{ConfigError, Validator, defaults::Limit};
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub(super) struct ServerModel {
-    #[serde(default = "default_listen")]
     listen: SocketAddr,
-    #[serde(default = "default_drain", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     drain_timeout: Duration,
     max_concurrent_calls: Option<usize>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     queue_timeout: Option<Duration>,
     metrics_listen: Option<SocketAddr>,
+    max_connections: usize,
+    #[serde(with = "humantime_serde")]
+    handshake_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    header_read_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    keepalive_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    keepalive_timeout: Duration,
+    max_concurrent_streams: u32,
+    max_request_bytes: usize,
+    #[serde(with = "humantime_serde")]
+    request_read_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    send_timeout: Duration,
+    max_resets_per_second: u32,
+    max_reset_burst: u32,
 }
 
 impl Default for ServerModel {
     fn default() -> Self {
         Self {
-            listen: default_listen(),
-            drain_timeout: default_drain(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            drain_timeout: Duration::from_secs(10),
             max_concurrent_calls: None,
             queue_timeout: None,
             metrics_listen: None,
+            max_connections: 10_000,
+            handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            keepalive_interval: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(20),
+            max_concurrent_streams: 200,
+            max_request_bytes: 4 * 1024 * 1024,
+            request_read_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(5),
+            max_resets_per_second: 2_000,
+            max_reset_burst: 5_000,
         }
     }
-}
-
-fn default_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 50051))
-}
-
-fn default_drain() -> Duration {
-    Duration::from_secs(10)
 }
 
 /// `[server]`, validated.
@@ -50,17 +74,77 @@ pub struct ServerSpec {
     pub max_concurrent_calls: Option<Limit>,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// Client connections open at once, per listener.
+    pub max_connections: usize,
+    /// How long a new connection has to send its HTTP/2 preface.
+    pub handshake_timeout: Duration,
+    /// How long an HTTP/1 request head may take (metrics listener).
+    pub header_read_timeout: Duration,
+    /// A connection with no call in flight this long is closed.
+    pub idle_timeout: Duration,
+    /// HTTP/2 pings to each client this often...
+    pub keepalive_interval: Duration,
+    /// ...and the connection closed when one is not answered in this time.
+    pub keepalive_timeout: Duration,
+    /// Calls in flight on one client connection.
+    pub max_concurrent_streams: u32,
+    /// The largest request message accepted.
+    pub max_request_bytes: usize,
+    /// How long a request may take to arrive when the caller set no deadline.
+    pub request_read_timeout: Duration,
+    /// How long an answer may take to reach the client once it is ready.
+    pub send_timeout: Duration,
+    /// Calls a client may cancel per second on one connection...
+    pub max_resets_per_second: u32,
+    /// ...and at once, before the connection is cut off.
+    pub max_reset_burst: u32,
 }
 
 impl Validator<'_> {
     pub(super) fn server(&self, model: &ServerModel) -> Result<ServerSpec, ConfigError> {
         let max_concurrent_calls =
             self.limit("server", model.max_concurrent_calls, model.queue_timeout)?;
+        let zero_durations = [
+            ("handshake_timeout", model.handshake_timeout),
+            ("header_read_timeout", model.header_read_timeout),
+            ("idle_timeout", model.idle_timeout),
+            ("keepalive_interval", model.keepalive_interval),
+            ("keepalive_timeout", model.keepalive_timeout),
+            ("request_read_timeout", model.request_read_timeout),
+            ("send_timeout", model.send_timeout),
+        ];
+        let zero_counts = [
+            ("max_connections", model.max_connections as u64),
+            ("max_concurrent_streams", u64::from(model.max_concurrent_streams)),
+            ("max_request_bytes", model.max_request_bytes as u64),
+            ("max_resets_per_second", u64::from(model.max_resets_per_second)),
+            ("max_reset_burst", u64::from(model.max_reset_burst)),
+        ];
+        let zero = zero_durations
+            .iter()
+            .find(|(_, d)| d.is_zero())
+            .map(|(k, _)| *k)
+            .or_else(|| zero_counts.iter().find(|(_, n)| *n == 0).map(|(k, _)| *k));
+        if let Some(key) = zero {
+            return Err(self.err(format!("server.{key}"), "must be greater than zero"));
+        }
         Ok(ServerSpec {
             listen: model.listen,
             drain_timeout: model.drain_timeout,
             max_concurrent_calls,
             metrics_listen: model.metrics_listen,
+            max_connections: model.max_connections,
+            handshake_timeout: model.handshake_timeout,
+            header_read_timeout: model.header_read_timeout,
+            idle_timeout: model.idle_timeout,
+            keepalive_interval: model.keepalive_interval,
+            keepalive_timeout: model.keepalive_timeout,
+            max_concurrent_streams: model.max_concurrent_streams,
+            max_request_bytes: model.max_request_bytes,
+            request_read_timeout: model.request_read_timeout,
+            send_timeout: model.send_timeout,
+            max_resets_per_second: model.max_resets_per_second,
+            max_reset_burst: model.max_reset_burst,
         })
     }
 }

@@ -23,7 +23,7 @@ use aggregator::{
             profiles_server::{Profiles, ProfilesServer},
         },
     },
-    server::{H2Limits, accept_loop, serve_h2},
+    server::{ConnPolicy, H2Limits, accept_loop, serve_h2},
 };
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -54,6 +54,15 @@ pub struct Stats {
     pub finished: u32,
     /// Requests dropped before the handler finished (the client went away).
     pub cancelled: u32,
+    /// The most requests ever in the handler at once.
+    pub peak: u32,
+}
+
+impl Stats {
+    /// Requests in the handler now.
+    pub fn in_flight(&self) -> u32 {
+        self.started - self.finished - self.cancelled
+    }
 }
 
 /// One request as the upstream received it.
@@ -83,7 +92,10 @@ impl Log {
 
     fn start(&self, seen: Seen) -> InFlight {
         self.requests.lock().unwrap().push(seen);
-        self.stats.send_modify(|s| s.started += 1);
+        self.stats.send_modify(|s| {
+            s.started += 1;
+            s.peak = s.peak.max(s.in_flight());
+        });
         InFlight {
             log: self.clone(),
             done: false,
@@ -202,6 +214,7 @@ impl GrpcUpstream {
             listener,
             routes.prepare(),
             H2Limits::default(),
+            ConnPolicy::default(),
             stop.clone().cancelled_owned(),
             Duration::ZERO,
         ));
@@ -352,9 +365,10 @@ impl HttpUpstream {
         let server = auto::Builder::new(TokioExecutor::new());
         tokio::spawn(accept_loop(
             listener,
-            move |stream| {
+            ConnPolicy::default(),
+            move |io, _| {
                 server
-                    .serve_connection(TokioIo::new(stream), service.clone())
+                    .serve_connection(TokioIo::new(io), service.clone())
                     .into_owned()
             },
             stop.clone().cancelled_owned(),
@@ -527,4 +541,207 @@ pub fn params(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, Strin
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
+}
+
+/// The gateway binary run as a child process with a config file, its
+/// address read from its own "aggregator ready" log line. Killed on drop.
+pub struct Process {
+    pub addr: SocketAddr,
+    child: tokio::process::Child,
+    /// Every line it wrote to stderr, as it comes.
+    lines: Arc<Mutex<Vec<String>>>,
+    line_added: Arc<tokio::sync::Notify>,
+    _dir: TempDir,
+}
+
+/// A directory removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new() -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("aggregator-test-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Process {
+    /// Writes `toml` to a file and runs `aggregator --config FILE` plus
+    /// `args`, listening on a free port unless `toml` says otherwise.
+    pub async fn start(toml: &str, args: &[&str]) -> Self {
+        let dir = TempDir::new();
+        let path = dir.0.join("gateway.toml");
+        std::fs::write(&path, toml).unwrap();
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_aggregator"));
+        command
+            .arg("--config")
+            .arg(&path)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args);
+        Self::spawn(command, dir).await
+    }
+
+    /// Runs the binary with exactly `args` (no config written).
+    pub async fn run(args: &[&str]) -> std::process::Output {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_aggregator"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .output()
+            .await
+            .unwrap()
+    }
+
+    async fn spawn(mut command: tokio::process::Command, dir: TempDir) -> Self {
+        use tokio::io::AsyncBufReadExt;
+        command
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let line_added = Arc::new(tokio::sync::Notify::new());
+        let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let (sink, added) = (lines.clone(), line_added.clone());
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = stderr.next_line().await {
+                sink.lock().unwrap().push(line);
+                added.notify_waiters();
+            }
+        });
+        let mut process = Self {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            child,
+            lines,
+            line_added,
+            _dir: dir,
+        };
+        let ready = process
+            .wait_for_line(Duration::from_secs(60), |l| l.contains("aggregator ready"))
+            .await
+            .unwrap_or_else(|| panic!("the gateway never got ready:\n{}", process.stderr()));
+        let addr = ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .unwrap_or_else(|| panic!("no addr= in {ready:?}"));
+        process.addr = addr.parse().unwrap();
+        process
+    }
+
+    /// Waits until a line of its stderr satisfies `cond`; returns it.
+    pub async fn wait_for_line(
+        &self,
+        within: Duration,
+        mut cond: impl FnMut(&str) -> bool,
+    ) -> Option<String> {
+        let search = async {
+            loop {
+                let added = self.line_added.notified();
+                if let Some(line) = self.lines.lock().unwrap().iter().find(|l| cond(l)) {
+                    return line.clone();
+                }
+                added.await;
+            }
+        };
+        tokio::time::timeout(within, search).await.ok()
+    }
+
+    /// All it wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn client(&self) -> AggregatorClient<Channel> {
+        let channel = Channel::from_shared(self.endpoint())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        AggregatorClient::new(channel)
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let pid = self.child.id().expect("still running");
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for it to exit; returns its exit code.
+    pub async fn wait(&mut self, within: Duration) -> Option<i32> {
+        let status = tokio::time::timeout(within, self.child.wait())
+            .await
+            .expect("the gateway did not exit in time")
+            .unwrap();
+        status.code()
+    }
+}
+
+/// A TCP proxy in front of `target` that forwards what clients send at once
+/// but reads the target's answers slowly through a small receive buffer, so
+/// that the target's socket send queue stays full: what a slow or distant
+/// client looks like from the server.
+pub async fn slow_reader_proxy(target: SocketAddr) -> Running {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            let (client, _) = tokio::select! {
+                accepted = listener.accept() => accepted.unwrap(),
+                () = token.cancelled() => return,
+            };
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_recv_buffer_size(4096).unwrap();
+            let Ok(server) = socket.connect(target).await else {
+                continue;
+            };
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                let _ = server_write.shutdown().await;
+            });
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                loop {
+                    match server_read.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if client_write.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                // Pass a reset on as a reset, so the client sees what the
+                // server did.
+                let _ = client_write.shutdown().await;
+            });
+        }
+    });
+    Running {
+        addr,
+        log: Log::default(),
+        stop,
+    }
 }

@@ -1,0 +1,338 @@
+//! The edge of every call, before tonic sees it: only gRPC gets in (HTTP 415
+//! otherwise, as grpc-go answers), the caller's `grpc-timeout` becomes a
+//! deadline measured from the moment the headers arrived, and a unary
+//! `Aggregator` request is read here, under that deadline and within
+//! `max_request_bytes`, holding only the bytes actually received (never the
+//! length a client declares). The answer is then bounded in time too
+//! ([`super::stream`]).
+
+use std::{convert::Infallible, pin::Pin, task::Poll, time::Duration};
+
+use bytes::{Buf, Bytes};
+use futures_util::future::BoxFuture;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body::{Frame, SizeHint};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use tonic::{Status, body::Body, service::Routes};
+
+use super::stream;
+use crate::{
+    api::AggregatorApi,
+    deadline::{Deadline, parse_grpc_timeout},
+    pb::aggregator::v1::aggregator_server::AggregatorServer,
+};
+
+/// Limits of reading a request and sending its answer.
+#[derive(Debug, Clone, Copy)]
+pub struct EdgeLimits {
+    /// The largest request message accepted.
+    pub max_request_bytes: usize,
+    /// How long a request may take to arrive when the caller set no deadline.
+    pub request_read_timeout: Duration,
+    /// How long an answer may take to reach the client once it is ready.
+    pub send_timeout: Duration,
+}
+
+const AGGREGATOR_PREFIX: &str = "/aggregator.v1.Aggregator/";
+const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+
+/// The gRPC service the gateway serves: `Aggregator` straight to its
+/// server, the rest (health, reflection) through tonic's router.
+#[derive(Clone)]
+pub struct Edge {
+    aggregator: AggregatorServer<AggregatorApi>,
+    others: Routes,
+    limits: EdgeLimits,
+}
+
+impl Edge {
+    pub fn new(api: AggregatorApi, others: Routes, limits: EdgeLimits) -> Self {
+        let aggregator = AggregatorServer::new(api)
+            .max_decoding_message_size(limits.max_request_bytes.saturating_add(HEADER));
+        Self {
+            aggregator,
+            others,
+            limits,
+        }
+    }
+}
+
+impl tower::Service<Request<Incoming>> for Edge {
+    type Response = Response<Rechunk<Body>>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> Poll<Result<(), Infallible>> {
+        // tonic services hold no capacity: always ready.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+        if let Some(refusal) = refuse_non_grpc(&request) {
+            return Box::pin(std::future::ready(Ok(refusal.map(Rechunk::new))));
+        }
+        let deadline = stamp_deadline(&mut request);
+        let limits = self.limits;
+        let path = request.uri().path();
+        if path.starts_with(AGGREGATOR_PREFIX) {
+            let aggregator = self.aggregator.clone();
+            return Box::pin(unary(aggregator, request, deadline, limits));
+        }
+        let unary = path == HEALTH_CHECK;
+        let call = tower::Service::call(&mut self.others, request);
+        Box::pin(async move {
+            let response = call.await?;
+            // Streams (Watch, reflection) live as long as the client wants.
+            if unary {
+                stream::answer_within(limits.send_timeout);
+            }
+            Ok(response.map(Rechunk::new))
+        })
+    }
+}
+
+/// The caller's `grpc-timeout`, as a deadline from now (the headers have
+/// just arrived). A malformed value is ignored, as gRPC servers do.
+fn stamp_deadline<B>(request: &mut Request<B>) -> Option<Deadline> {
+    let timeout = request
+        .headers()
+        .get("grpc-timeout")
+        .and_then(|v| parse_grpc_timeout(v.as_bytes()))?;
+    let deadline = Deadline::after(timeout);
+    request.extensions_mut().insert(deadline);
+    Some(deadline)
+}
+
+/// HTTP 405 for anything but POST, 415 for anything but gRPC with protobuf.
+fn refuse_non_grpc<B>(request: &Request<B>) -> Option<Response<Body>> {
+    let refuse = |status: StatusCode, text: String| {
+        let mut response = Response::new(Body::new(Full::new(Bytes::from(text))));
+        *response.status_mut() = status;
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        Some(response)
+    };
+    if request.method() != Method::POST {
+        let mut response = refuse(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "gRPC requests are POST\n".to_owned(),
+        )?;
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return Some(response);
+    }
+    let content_type = request.headers().get(header::CONTENT_TYPE);
+    let media_type = content_type
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or_default().trim());
+    match media_type {
+        Some(t) if t.eq_ignore_ascii_case("application/grpc") => None,
+        Some(t) if t.eq_ignore_ascii_case("application/grpc+proto") => None,
+        _ => {
+            let shown = content_type.map_or_else(
+                || "none".to_owned(),
+                |v| crate::error::truncate(&String::from_utf8_lossy(v.as_bytes()), 100),
+            );
+            refuse(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("invalid gRPC request content-type {shown:?}: expected application/grpc\n"),
+            )
+        }
+    }
+}
+
+/// The length-prefix of a gRPC message: a compression flag and 4 bytes.
+const HEADER: usize = 5;
+
+#[derive(Debug)]
+enum ReadError {
+    TooLarge(Option<u64>),
+    /// The client reset the stream or the connection failed.
+    Body(hyper::Error),
+}
+
+/// A unary call: read the request whole, then hand it to the service.
+async fn unary(
+    mut service: AggregatorServer<AggregatorApi>,
+    request: Request<Incoming>,
+    deadline: Option<Deadline>,
+    limits: EdgeLimits,
+) -> Result<Response<Rechunk<Body>>, Infallible> {
+    let (parts, body) = request.into_parts();
+    let read_timeout = Deadline::after(limits.request_read_timeout);
+    let read_by = deadline.map_or(read_timeout, |d| d.min(read_timeout));
+    let read = tokio::time::timeout_at(
+        read_by.instant(),
+        read_message(body, limits.max_request_bytes),
+    );
+    let message = match read.await {
+        Ok(Ok(message)) => message,
+        Ok(Err(ReadError::TooLarge(declared))) => {
+            let max = limits.max_request_bytes;
+            let message = match declared {
+                Some(n) => format!("request message of {n} bytes exceeds the {max}-byte limit (max_request_bytes)"),
+                None => format!("request exceeds the {max}-byte limit (max_request_bytes)"),
+            };
+            return Ok(status(Status::resource_exhausted(message)));
+        }
+        Ok(Err(ReadError::Body(error))) => {
+            tracing::debug!(%error, "the request body failed");
+            return Ok(status(Status::cancelled("the request was not received whole")));
+        }
+        Err(_) => {
+            let message = match deadline {
+                Some(d) if d <= read_timeout => {
+                    "deadline exceeded while receiving the request".to_owned()
+                }
+                _ => format!(
+                    "the request was not received within {:?} (request_read_timeout)",
+                    limits.request_read_timeout
+                ),
+            };
+            return Ok(status(Status::deadline_exceeded(message)));
+        }
+    };
+    let request = Request::from_parts(parts, Full::new(message));
+    let response = tower::Service::call(&mut service, request).await?;
+    stream::answer_within(limits.send_timeout);
+    Ok(response.map(Rechunk::new))
+}
+
+fn status(status: Status) -> Response<Rechunk<Body>> {
+    status.into_http::<Body>().map(Rechunk::new)
+}
+
+/// Reads the body, refusing it as soon as it declares or sends more than
+/// one message of `max` bytes. Memory held is what has arrived.
+async fn read_message(body: Incoming, max: usize) -> Result<Bytes, ReadError> {
+    let mut body = std::pin::pin!(body);
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut len = 0usize;
+    let mut checked = false;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(ReadError::Body)?.into_data() else {
+            continue;
+        };
+        len += data.len();
+        chunks.push(data);
+        if len > max.saturating_add(HEADER) {
+            return Err(ReadError::TooLarge(None));
+        }
+        if !checked && len >= HEADER {
+            checked = true;
+            let declared = declared_length(&chunks);
+            if declared > max as u64 {
+                return Err(ReadError::TooLarge(Some(declared)));
+            }
+        }
+    }
+    Ok(match chunks.len() {
+        1 => chunks.pop().unwrap_or_default(),
+        _ => {
+            let mut all = Vec::with_capacity(len);
+            for chunk in &chunks {
+                all.extend_from_slice(chunk);
+            }
+            Bytes::from(all)
+        }
+    })
+}
+
+/// The message length in the first five bytes, which may span chunks.
+fn declared_length(chunks: &[Bytes]) -> u64 {
+    let mut header = [0u8; HEADER];
+    let mut bytes = chunks.iter().flat_map(|c| c.iter()).skip(1);
+    for b in header.iter_mut().skip(1) {
+        *b = bytes.next().copied().unwrap_or_default();
+    }
+    u64::from(u32::from_be_bytes([header[1], header[2], header[3], header[4]]))
+}
+
+/// Hands the answer to hyper in pieces of at most [`CHUNK`] bytes, so that
+/// it sits here, not in h2's send queue, while the client's window is shut;
+/// the stream then stays open and can be reset when its time is up.
+pub struct Rechunk<B> {
+    inner: B,
+    pending: Bytes,
+}
+
+const CHUNK: usize = 16 * 1024;
+
+impl<B> Rechunk<B> {
+    pub fn new(inner: B) -> Self {
+        Self {
+            inner,
+            pending: Bytes::new(),
+        }
+    }
+}
+
+impl<B> http_body::Body for Rechunk<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        if this.pending.is_empty() {
+            match std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => this.pending = data,
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                },
+                other => return Poll::Ready(other),
+            }
+        }
+        let n = this.pending.len().min(CHUNK);
+        Poll::Ready(Some(Ok(Frame::data(this.pending.split_to(n)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.pending.is_empty() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let mut hint = self.inner.size_hint();
+        let pending = self.pending.remaining() as u64;
+        hint.set_lower(hint.lower() + pending);
+        if let Some(upper) = hint.upper() {
+            hint.set_upper(upper + pending);
+        }
+        hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_declared_length_is_read_across_chunks() {
+        let chunks = [
+            Bytes::from_static(&[0, 0]),
+            Bytes::from_static(&[0x01, 0x00]),
+            Bytes::from_static(&[0x05, 1, 2]),
+        ];
+        assert_eq!(declared_length(&chunks), 0x0001_0005);
+    }
+
+    #[tokio::test]
+    async fn an_answer_is_handed_over_in_small_pieces() {
+        let big = Bytes::from(vec![7u8; 3 * CHUNK + 5]);
+        let mut body = Rechunk::new(Full::new(big));
+        let mut sizes = Vec::new();
+        while let Some(frame) = body.frame().await {
+            sizes.push(frame.unwrap().into_data().unwrap().len());
+        }
+        assert_eq!(sizes, [CHUNK, CHUNK, CHUNK, 5]);
+    }
+}

@@ -1,0 +1,226 @@
+//! The gRPC server: `Aggregator`, `grpc.health.v1` and server reflection
+//! (v1 and v1alpha) on one listener, with graceful shutdown.
+//!
+//! Connections are served by hyper directly rather than by tonic's transport
+//! server, whose built-in `grpc-timeout` handling answers an expired deadline
+//! with CANCELLED; here the deadline is stamped on arrival and enforced by the
+//! gateway, which answers DEADLINE_EXCEEDED.
+//!
+//! From the socket in, each layer is written once, in [`run_with_metrics`]:
+//! - [`conn`]: the connection cap, handshake and idle timeouts, the lingering
+//!   close; HTTP/2 keepalive pings (hyper);
+//! - [`track`]: requests in flight per connection, and the rapid-reset guard
+//!   ([`resets`]);
+//! - [`stream`]: each HTTP/2 stream's bound on sending its answer;
+//! - [`edge`]: gRPC only, the deadline, reading the request within its limits;
+//! - then `Aggregator` (`api`), or health and reflection.
+
+pub mod conn;
+pub mod edge;
+pub mod resets;
+pub mod stream;
+pub mod track;
+
+use std::{convert::Infallible, future::Future, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+
+pub use self::conn::{ConnPolicy, accept_loop};
+use self::{
+    edge::{Edge, EdgeLimits},
+    resets::ResetBudget,
+    stream::StreamExecutor,
+    track::Track,
+};
+use crate::{
+    api::AggregatorApi,
+    config::{Config, ServerSpec},
+    gateway::Gateway,
+    health::Health,
+    pb::AGGREGATOR_DESCRIPTOR,
+};
+
+pub use crate::health::SERVICE_NAME;
+
+/// What a client must send before its HTTP/2 handshake counts as done: the
+/// 24-byte connection preface and the header of its SETTINGS frame.
+const H2_HANDSHAKE_BYTES: u64 = 24 + 9;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("building the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Serves the gateway on `listener` until `shutdown` completes, then reports
+/// NOT_SERVING, stops accepting and lets in-flight calls finish within the
+/// config's drain timeout.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    run_with_metrics(listener, None, config, shutdown).await
+}
+
+/// [`run`], also serving Prometheus metrics on `metrics` until the gRPC
+/// server has stopped.
+pub async fn run_with_metrics(
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let server = &config.server;
+    let gateway = Arc::new(Gateway::new(&config));
+    let stop_metrics = CancellationToken::new();
+    if let Some(metrics) = metrics {
+        tokio::spawn(crate::metrics::serve(
+            metrics,
+            gateway.clone(),
+            metrics_policy(server),
+            server.header_read_timeout,
+            stop_metrics.clone().cancelled_owned(),
+        ));
+    }
+    let _stop_metrics = stop_metrics.drop_guard();
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let health = Health::start(reporter, &gateway).await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(AGGREGATOR_DESCRIPTOR)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // So grpcurl and other reflection clients can decode error details.
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+    };
+    let others = Routes::new(health_service)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
+        .prepare();
+    let limits = EdgeLimits {
+        max_request_bytes: server.max_request_bytes,
+        request_read_timeout: server.request_read_timeout,
+        send_timeout: server.send_timeout,
+    };
+    let service = Edge::new(AggregatorApi::new(gateway), others, limits);
+
+    let announce_stop = async {
+        shutdown.await;
+        health.shut_down().await;
+        tracing::info!("shutting down: health is NOT_SERVING, draining in-flight calls");
+    };
+    let h2 = H2Limits {
+        max_concurrent_streams: Some(server.max_concurrent_streams),
+        keepalive: Some((server.keepalive_interval, server.keepalive_timeout)),
+        ..H2Limits::default()
+    };
+    serve_h2(
+        listener,
+        service,
+        h2,
+        grpc_policy(server),
+        announce_stop,
+        server.drain_timeout,
+    )
+    .await;
+    Ok(())
+}
+
+fn grpc_policy(server: &ServerSpec) -> ConnPolicy {
+    ConnPolicy {
+        max_connections: Some(server.max_connections),
+        handshake_timeout: Some(server.handshake_timeout),
+        handshake_bytes: H2_HANDSHAKE_BYTES,
+        idle_timeout: Some(server.idle_timeout),
+        resets: Some(ResetBudget {
+            per_second: server.max_resets_per_second,
+            burst: server.max_reset_burst,
+        }),
+    }
+}
+
+/// Metrics are scraped over HTTP/1 or HTTP/2: the client must start within
+/// the handshake timeout; `header_read_timeout` bounds the rest of a request
+/// head.
+fn metrics_policy(server: &ServerSpec) -> ConnPolicy {
+    ConnPolicy {
+        handshake_bytes: 1,
+        resets: None,
+        ..grpc_policy(server)
+    }
+}
+
+/// HTTP/2 server settings that differ between the gateway and a server that
+/// takes one connection carrying thousands of calls (the demo upstreams).
+/// `None` keeps hyper's default (200 streams per connection, 1 MiB window,
+/// no keepalive pings).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct H2Limits {
+    pub max_concurrent_streams: Option<u32>,
+    /// Also sizes h2's budget of small DATA frames not yet read (half the
+    /// window): a burst of more unread small frames than that is answered
+    /// with GOAWAY(ENHANCE_YOUR_CALM).
+    pub connection_window: Option<u32>,
+    /// Ping interval, and how long a ping may go unanswered before the
+    /// connection is closed.
+    pub keepalive: Option<(Duration, Duration)>,
+}
+
+/// Streams a client may reset before the server has even accepted them
+/// (h2's own guard, 20 by default, GOAWAYs a connection over that): high
+/// enough for a burst of ordinary cancellations arriving in one read; the
+/// rate of resets is what [`ResetBudget`] limits.
+const MAX_PENDING_ACCEPT_RESETS: usize = 1024;
+
+/// Serves a tower service over HTTP/2 (gRPC) on every accepted connection.
+pub async fn serve_h2<S, B>(
+    listener: TcpListener,
+    service: S,
+    limits: H2Limits,
+    policy: ConnPolicy,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) where
+    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut h2 = hyper::server::conn::http2::Builder::new(StreamExecutor);
+    h2.timer(TokioTimer::new())
+        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS);
+    if let Some(max) = limits.max_concurrent_streams {
+        h2.max_concurrent_streams(max);
+    }
+    if let Some(window) = limits.connection_window {
+        h2.initial_connection_window_size(window);
+    }
+    if let Some((interval, timeout)) = limits.keepalive {
+        h2.keep_alive_interval(interval).keep_alive_timeout(timeout);
+    }
+    accept_loop(
+        listener,
+        policy,
+        move |io, state| {
+            h2.serve_connection(
+                TokioIo::new(io),
+                TowerToHyperService::new(Track::new(service.clone(), state)),
+            )
+        },
+        shutdown,
+        drain,
+    )
+    .await;
+}
