@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     config::Mode,
     deadline::Deadline,
+    error::{status::MAX_MESSAGE_BYTES, truncate},
     fanout::Outcome,
     gateway::{Call, Gateway},
     pb::aggregator::v1::{
@@ -124,7 +125,7 @@ fn source_result(outcome: Outcome) -> (SourceResult, Option<Value>) {
         // A fallback stands in for the data; the code still tells the truth.
         Err(e) => (
             e.code() as i32,
-            e.to_string(),
+            truncate(&e.to_string(), MAX_MESSAGE_BYTES),
             outcome.fallback.map(to_value),
         ),
     };

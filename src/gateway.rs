@@ -8,7 +8,7 @@ use tokio::time::Instant;
 use crate::{
     config::{Config, Mode},
     deadline::Deadline,
-    error::Error,
+    error::{Error, code_name},
     fanout::{self, Outcome},
     resilience::bulkhead::Bulkhead,
     template::{Params, RenderError},
@@ -101,7 +101,7 @@ impl Gateway {
         let agg = self
             .aggregations
             .get(call.aggregation)
-            .ok_or_else(|| Error::UnknownAggregation(call.aggregation.to_owned()))?;
+            .ok_or_else(|| Error::UnknownAggregation(shown(call.aggregation)))?;
         let selected = agg.select(call.sources)?;
         let mut dispatch = Vec::with_capacity(selected.len());
         for (source, optional) in &selected {
@@ -165,7 +165,7 @@ impl Aggregation {
         {
             return Err(Error::UnknownSource {
                 aggregation: self.name.clone(),
-                source_name: unknown.clone(),
+                source_name: shown(unknown),
             });
         }
         Ok(self
@@ -175,6 +175,12 @@ impl Aggregation {
             .cloned()
             .collect())
     }
+}
+
+/// A name the caller sent, as the gateway echoes it: never more than a
+/// screenful, whatever was sent.
+fn shown(name: &str) -> String {
+    crate::error::truncate(name, 128)
 }
 
 fn check_params(source: &Source, params: &Params) -> Result<(), RenderError> {
@@ -228,7 +234,7 @@ impl<'a> CallLog<'a> {
             Err(f) => tracing::warn!(
                 aggregation = self.aggregation,
                 outcome = "failed",
-                code = ?f.error.code(),
+                code = code_name(f.error.code()),
                 error = %f.error,
                 elapsed_ms,
                 sources = %Summary(&self.sources, &f.finished),
@@ -272,7 +278,7 @@ impl fmt::Display for Summary<'_> {
                         .as_ref()
                         .err()
                         .map_or(tonic::Code::Ok, |e| e.code());
-                    write!(f, "{name}={code:?}/{:.1}ms", ms(o.elapsed))?;
+                    write!(f, "{name}={}/{:.1}ms", code_name(code), ms(o.elapsed))?;
                     // Only what differs from one plain request.
                     if o.attempts > 1 {
                         write!(f, "/{}x", o.attempts)?;
@@ -338,8 +344,8 @@ mod tests {
         ];
         assert_eq!(
             Summary(&names, &outcomes).to_string(),
-            "plain=Ok/3.1ms retried=DeadlineExceeded/3.1ms/3x shared=Ok/3.1ms/coalesced \
-             open=Unavailable/3.1ms/skipped slow=cancelled"
+            "plain=OK/3.1ms retried=DEADLINE_EXCEEDED/3.1ms/3x shared=OK/3.1ms/coalesced \
+             open=UNAVAILABLE/3.1ms/skipped slow=cancelled"
         );
     }
 }

@@ -47,7 +47,9 @@ pub async fn serve(
         async move { Ok::<_, Infallible>(respond(&req, &registry)) }
     });
     // Pings find dead scrapers; the idle timeout closes live ones that left.
-    let keepalive = policy.idle_timeout.map(|idle| idle.min(Duration::from_secs(60)));
+    let keepalive = policy
+        .idle_timeout
+        .map(|idle| idle.min(Duration::from_secs(60)));
     let mut server = auto::Builder::new(StreamExecutor);
     server
         .http1()

@@ -43,6 +43,22 @@ pub enum RenderError {
         name: Arc<str>,
         reason: &'static str,
     },
+    /// The value cannot be the field it fills (`"abc"` for an `int32`).
+    #[error("parameter '{name}' does not fit {field}: {detail}")]
+    Mismatch {
+        name: Arc<str>,
+        field: String,
+        detail: String,
+    },
+    /// The rendered request part would be longer than any upstream takes.
+    #[error("the rendered {what} is {len} bytes, over the {max}-byte limit (parameters {params})")]
+    TooLong {
+        what: &'static str,
+        len: usize,
+        max: usize,
+        /// The parameters that fill it, comma-separated.
+        params: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]

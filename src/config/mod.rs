@@ -30,7 +30,7 @@ pub use self::{
     resilience::{
         BreakerSpec, HealthCheckSpec, HealthTarget, HedgeDelay, HedgeSpec, RetryOn, RetrySpec,
     },
-    server::ServerSpec,
+    server::{DEFAULT_MAX_RESET_BURST, DEFAULT_MAX_RESETS_PER_SECOND, ServerSpec},
     source::{DEFAULT_MAX_RESPONSE_BYTES, SourceKind, SourceSpec},
 };
 

@@ -8,6 +8,12 @@ use serde::Deserialize;
 
 use super::{ConfigError, Validator, defaults::Limit};
 
+/// The rapid-reset budget's defaults: ordinary cancellation (10,000 calls
+/// cancelled over 10 s, in bursts) passes; a flood (20,000 HEADERS and
+/// RST_STREAM pairs in 2 s) is cut off within its first second.
+pub const DEFAULT_MAX_RESETS_PER_SECOND: u32 = 2_000;
+pub const DEFAULT_MAX_RESET_BURST: u32 = 5_000;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct ServerModel {
@@ -57,8 +63,8 @@ impl Default for ServerModel {
             max_request_bytes: 4 * 1024 * 1024,
             request_read_timeout: Duration::from_secs(10),
             send_timeout: Duration::from_secs(5),
-            max_resets_per_second: 2_000,
-            max_reset_burst: 5_000,
+            max_resets_per_second: DEFAULT_MAX_RESETS_PER_SECOND,
+            max_reset_burst: DEFAULT_MAX_RESET_BURST,
         }
     }
 }
@@ -115,9 +121,15 @@ impl Validator<'_> {
         ];
         let zero_counts = [
             ("max_connections", model.max_connections as u64),
-            ("max_concurrent_streams", u64::from(model.max_concurrent_streams)),
+            (
+                "max_concurrent_streams",
+                u64::from(model.max_concurrent_streams),
+            ),
             ("max_request_bytes", model.max_request_bytes as u64),
-            ("max_resets_per_second", u64::from(model.max_resets_per_second)),
+            (
+                "max_resets_per_second",
+                u64::from(model.max_resets_per_second),
+            ),
             ("max_reset_burst", u64::from(model.max_reset_burst)),
         ];
         let zero = zero_durations

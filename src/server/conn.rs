@@ -190,7 +190,8 @@ impl AsyncWrite for ConnIo {
 
 impl Drop for ConnIo {
     fn drop(&mut self) {
-        let (Some(stream), Ok(runtime)) = (self.stream.take(), tokio::runtime::Handle::try_current())
+        let (Some(stream), Ok(runtime)) =
+            (self.stream.take(), tokio::runtime::Handle::try_current())
         else {
             return;
         };
@@ -318,9 +319,7 @@ async fn drive<C>(
             _ => far(),
         };
         let idle_by = match policy.idle_timeout {
-            Some(t) if !finishing => state
-                .idle_deadline(t)
-                .unwrap_or_else(|| Instant::now() + t),
+            Some(t) if !finishing => state.idle_deadline(t).unwrap_or_else(|| Instant::now() + t),
             _ => far(),
         };
         tokio::select! {

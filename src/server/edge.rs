@@ -174,14 +174,18 @@ async fn unary(
         Ok(Err(ReadError::TooLarge(declared))) => {
             let max = limits.max_request_bytes;
             let message = match declared {
-                Some(n) => format!("request message of {n} bytes exceeds the {max}-byte limit (max_request_bytes)"),
+                Some(n) => format!(
+                    "request message of {n} bytes exceeds the {max}-byte limit (max_request_bytes)"
+                ),
                 None => format!("request exceeds the {max}-byte limit (max_request_bytes)"),
             };
             return Ok(status(Status::resource_exhausted(message)));
         }
         Ok(Err(ReadError::Body(error))) => {
             tracing::debug!(%error, "the request body failed");
-            return Ok(status(Status::cancelled("the request was not received whole")));
+            return Ok(status(Status::cancelled(
+                "the request was not received whole",
+            )));
         }
         Err(_) => {
             let message = match deadline {
@@ -249,7 +253,9 @@ fn declared_length(chunks: &[Bytes]) -> u64 {
     for b in header.iter_mut().skip(1) {
         *b = bytes.next().copied().unwrap_or_default();
     }
-    u64::from(u32::from_be_bytes([header[1], header[2], header[3], header[4]]))
+    u64::from(u32::from_be_bytes([
+        header[1], header[2], header[3], header[4],
+    ]))
 }
 
 /// Hands the answer to hyper in pieces of at most [`CHUNK`] bytes, so that

@@ -80,6 +80,50 @@ mod tests {
         }
     }
 
+    const DEFAULTS: ResetBudget = ResetBudget {
+        per_second: crate::config::DEFAULT_MAX_RESETS_PER_SECOND,
+        burst: crate::config::DEFAULT_MAX_RESET_BURST,
+    };
+
+    /// Spends `n` resets spread evenly over `over`; the index of the first
+    /// refused, if any.
+    async fn spend(bucket: &mut Bucket, n: u32, over: Duration) -> Option<u32> {
+        let step = over / n;
+        for i in 0..n {
+            tokio::time::advance(step).await;
+            if !bucket.take() {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn by_default_a_rapid_reset_flood_is_cut_off_in_its_first_second() {
+        let mut bucket = Bucket::new(DEFAULTS);
+        let refused = spend(&mut bucket, 20_000, Duration::from_secs(2)).await;
+        let refused = refused.expect("20,000 resets in 2 s were all allowed");
+        assert!(refused < 10_000, "refused only at {refused}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn by_default_ordinary_cancellation_bursts_pass() {
+        // 10,000 over 10 s: evenly, in bursts of 100 every 100 ms, and in
+        // bursts of 2,500 every 2.5 s.
+        let mut even = Bucket::new(DEFAULTS);
+        assert_eq!(
+            spend(&mut even, 10_000, Duration::from_secs(10)).await,
+            None
+        );
+        for (burst, every) in [(100, 100), (2_500, 2_500)] {
+            let mut bucket = Bucket::new(DEFAULTS);
+            for _ in 0..10_000 / burst {
+                tokio::time::advance(Duration::from_millis(every)).await;
+                assert!((0..burst).all(|_| bucket.take()), "bursts of {burst}");
+            }
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_bucket_never_holds_more_than_the_burst() {
         let mut bucket = Bucket::new(BUDGET);

@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::{
     convert::Infallible,
     net::SocketAddr,
@@ -743,5 +745,161 @@ pub async fn slow_reader_proxy(target: SocketAddr) -> Running {
         addr,
         log: Log::default(),
         stop,
+    }
+}
+
+/// Holds an upstream's answers until the test opens it, so that a test can
+/// order events (this request is in flight before that one is answered)
+/// without assuming how fast anything runs. Clones share one gate.
+#[derive(Clone, Default)]
+pub struct Gate(CancellationToken);
+
+impl Gate {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Lets every held request go on, and every later one pass at once.
+    pub fn open(&self) {
+        self.0.cancel();
+    }
+
+    async fn pass(&self) {
+        self.0.cancelled().await;
+    }
+}
+
+impl GrpcUpstream {
+    /// Like `start`, but each request, once it has reached the handler (it
+    /// counts in `started` and `in_flight`), waits for `gate` to open before
+    /// its delay and its answer.
+    pub async fn start_gated(self, gate: &Gate) -> Running {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let log = Log::default();
+        let stop = CancellationToken::new();
+        let no_reflection = self.no_reflection;
+        let mut routes = Routes::new(ProfilesServer::new(GatedProfiles {
+            behaviour: self,
+            log: log.clone(),
+            gate: gate.clone(),
+        }));
+        if !no_reflection {
+            let reflection = tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(DEMO_DESCRIPTOR)
+                .build_v1()
+                .unwrap();
+            routes = routes.add_service(reflection);
+        }
+        tokio::spawn(serve_h2(
+            listener,
+            routes.prepare(),
+            H2Limits::default(),
+            ConnPolicy::default(),
+            stop.clone().cancelled_owned(),
+            Duration::ZERO,
+        ));
+        Running { addr, log, stop }
+    }
+}
+
+/// `TestProfiles` behind a gate.
+struct GatedProfiles {
+    behaviour: GrpcUpstream,
+    log: Log,
+    gate: Gate,
+}
+
+#[tonic::async_trait]
+impl Profiles for GatedProfiles {
+    async fn get_profile(
+        &self,
+        request: tonic::Request<GetProfileRequest>,
+    ) -> Result<tonic::Response<Profile>, tonic::Status> {
+        let headers = request.metadata().clone().into_headers();
+        let user_id = request.into_inner().user_id;
+        let in_flight = self.log.start(Seen {
+            target: user_id.clone(),
+            headers,
+        });
+        let nth = self.log.stats().started;
+        self.gate.pass().await;
+        tokio::time::sleep(self.behaviour.delay).await;
+        in_flight.finish();
+        let failing = self.behaviour.fail_first == 0 || nth <= self.behaviour.fail_first;
+        if let Some((code, message)) = self.behaviour.fail.as_ref().filter(|_| failing) {
+            return Err(tonic::Status::new(*code, message.clone()));
+        }
+        Ok(tonic::Response::new(Profile {
+            name: format!("name-{user_id}"),
+            email: format!("{user_id}@example.com"),
+            user_id,
+        }))
+    }
+}
+
+impl HttpUpstream {
+    /// Like `start`, but each request, once it has reached the handler (it
+    /// counts in `started` and `in_flight`), waits for `gate` to open before
+    /// its delay and its answer.
+    pub async fn start_gated(self, gate: &Gate) -> Running {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let log = Log::default();
+        let stop = CancellationToken::new();
+        let behaviour = Arc::new(self);
+        let handler_log = log.clone();
+        let gate = gate.clone();
+        let service = TowerToHyperService::new(tower::service_fn(move |req: Request<Incoming>| {
+            let (behaviour, log, gate) = (behaviour.clone(), handler_log.clone(), gate.clone());
+            async move {
+                let in_flight = log.start(Seen {
+                    target: req
+                        .uri()
+                        .path_and_query()
+                        .map(|p| p.to_string())
+                        .unwrap_or_default(),
+                    headers: req.headers().clone(),
+                });
+                let nth = log.stats().started;
+                gate.pass().await;
+                if behaviour.hang {
+                    std::future::pending::<()>().await;
+                }
+                let delay = match behaviour.slow_first {
+                    Some((n, slow)) if nth <= n => slow,
+                    _ => behaviour.delay,
+                };
+                tokio::time::sleep(delay).await;
+                in_flight.finish();
+                let mut response = Response::new(Full::new(behaviour.body.clone()));
+                *response.status_mut() = behaviour.status;
+                if let Some((n, status, retry_after)) = behaviour.fail_first {
+                    if nth <= n {
+                        *response.status_mut() = status;
+                        if let Some(value) = retry_after {
+                            response.headers_mut().insert(
+                                http::header::RETRY_AFTER,
+                                http::HeaderValue::from_static(value),
+                            );
+                        }
+                    }
+                }
+                Ok::<_, Infallible>(response)
+            }
+        }));
+        let server = auto::Builder::new(TokioExecutor::new());
+        tokio::spawn(accept_loop(
+            listener,
+            ConnPolicy::default(),
+            move |io, _| {
+                server
+                    .serve_connection(TokioIo::new(io), service.clone())
+                    .into_owned()
+            },
+            stop.clone().cancelled_owned(),
+            Duration::ZERO,
+        ));
+        Running { addr, log, stop }
     }
 }

@@ -2,13 +2,17 @@
 //!
 //! tonic's implicit mapping would report an expired deadline as CANCELLED and
 //! lose which source failed, so every error the gateway answers with goes
-//! through [`Error::to_status`], and every per-source outcome through
-//! [`SourceError::code`].
+//! through [`Error::to_status`] ([`status`]), and every per-source outcome
+//! through [`SourceError::code`]. [`codes`] holds the code tables.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+pub mod codes;
+pub mod status;
+
+use std::{sync::Arc, time::Duration};
 
 use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt};
+
+pub use self::codes::{code_name, http_status_code};
 
 use crate::{resilience::bulkhead::Full, template::RenderError};
 
@@ -40,6 +44,15 @@ pub enum Error {
     /// The gateway-wide cap on calls in flight was reached.
     #[error("gateway at capacity: {0}")]
     Overloaded(Full),
+    /// Fewer sources of the call succeeded than its aggregation's `min_success`.
+    #[error("{succeeded} of {total} sources succeeded (min_success = {min})")]
+    TooFewSucceeded {
+        succeeded: usize,
+        total: usize,
+        min: usize,
+        /// Each failed (or skipped) source, in the aggregation's order.
+        failed: Vec<(Arc<str>, SourceError)>,
+    },
 }
 
 /// Why one source failed.
@@ -190,118 +203,4 @@ pub fn truncate(text: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}… ({} bytes)", &text[..end], text.len())
-}
-
-/// Maps an HTTP status the way google.rpc.Code documents it.
-pub fn http_status_code(status: http::StatusCode) -> Code {
-    match status.as_u16() {
-        400 => Code::InvalidArgument,
-        401 => Code::Unauthenticated,
-        403 => Code::PermissionDenied,
-        404 => Code::NotFound,
-        409 => Code::Aborted,
-        416 => Code::OutOfRange,
-        429 => Code::ResourceExhausted,
-        499 => Code::Cancelled,
-        501 => Code::Unimplemented,
-        502 | 503 => Code::Unavailable,
-        504 => Code::DeadlineExceeded,
-        _ if status.is_success() => Code::Ok,
-        _ if status.is_client_error() => Code::FailedPrecondition,
-        _ if status.is_server_error() => Code::Internal,
-        _ => Code::Unknown,
-    }
-}
-
-impl Error {
-    pub fn code(&self) -> Code {
-        match self {
-            Self::UnknownAggregation(_) => Code::NotFound,
-            Self::UnknownSource { .. } | Self::Param(_) => Code::InvalidArgument,
-            Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
-            Self::Source { error, .. } => error.code(),
-            Self::Overloaded(_) => Code::ResourceExhausted,
-        }
-    }
-
-    /// The one mapping to the wire. Source failures carry a `google.rpc.ErrorInfo`
-    /// whose metadata names the source, so clients need not parse the message.
-    pub fn to_status(&self) -> Status {
-        let code = self.code();
-        let message = self.to_string();
-        let (reason, metadata) = match self {
-            Self::Source { source_name, .. } => (
-                "SOURCE_FAILED",
-                HashMap::from([
-                    ("source".to_owned(), source_name.to_string()),
-                    ("code".to_owned(), format!("{code:?}")),
-                ]),
-            ),
-            Self::UnknownAggregation(name) => (
-                "UNKNOWN_AGGREGATION",
-                HashMap::from([("aggregation".to_owned(), name.clone())]),
-            ),
-            Self::UnknownSource { source_name, .. } => (
-                "UNKNOWN_SOURCE",
-                HashMap::from([("source".to_owned(), source_name.clone())]),
-            ),
-            Self::Param(RenderError::Missing(name)) => (
-                "MISSING_PARAMETER",
-                HashMap::from([("parameter".to_owned(), name.to_string())]),
-            ),
-            Self::Param(RenderError::Invalid { name, .. }) => (
-                "INVALID_PARAMETER",
-                HashMap::from([("parameter".to_owned(), name.to_string())]),
-            ),
-            Self::DeadlineExceeded(_) => ("DEADLINE_EXCEEDED", HashMap::new()),
-            Self::Overloaded(full) => (
-                "GATEWAY_OVERLOADED",
-                HashMap::from([("max_concurrent_calls".to_owned(), full.max.to_string())]),
-            ),
-        };
-        Status::with_error_details(
-            code,
-            message,
-            ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata),
-        )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn http_statuses_map_the_google_rpc_way() {
-        for (status, code) in [
-            (400, Code::InvalidArgument),
-            (401, Code::Unauthenticated),
-            (403, Code::PermissionDenied),
-            (404, Code::NotFound),
-            (409, Code::Aborted),
-            (429, Code::ResourceExhausted),
-            (500, Code::Internal),
-            (501, Code::Unimplemented),
-            (502, Code::Unavailable),
-            (503, Code::Unavailable),
-            (504, Code::DeadlineExceeded),
-        ] {
-            let status = http::StatusCode::from_u16(status).unwrap();
-            assert_eq!(http_status_code(status), code, "{status}");
-        }
-    }
-
-    #[test]
-    fn source_errors_name_the_source_and_carry_error_info() {
-        let err = Error::Source {
-            source_name: "profile".into(),
-            error: SourceError::Timeout(Duration::from_millis(500)),
-        };
-        let status = err.to_status();
-        assert_eq!(status.code(), Code::DeadlineExceeded);
-        assert_eq!(status.message(), "source 'profile': timed out after 500ms");
-        let info = status.get_details_error_info().expect("ErrorInfo");
-        assert_eq!(info.metadata["source"], "profile");
-        assert_eq!(info.domain, ERROR_DOMAIN);
-    }
 }
