@@ -94,20 +94,24 @@ pub async fn run(
 
     let collect = async {
         while let Some((i, outcome)) = pending.next().await {
-            if let Err(error) = &outcome.result {
-                // A source whose budget was this very deadline may report it
-                // a moment before our timer does: the call is what expired.
-                if deadline.is_expired() {
-                    return Err(Error::DeadlineExceeded(started.elapsed()));
-                }
-                if mode == Mode::FailFast && !outcome.optional {
-                    return Err(Error::Source {
-                        source_name: outcome.source.clone(),
-                        error: error.clone(),
-                    });
-                }
+            // Kept before deciding anything, so the log tells who failed.
+            let slot = slots[i].insert(outcome);
+            let Err(error) = &slot.result else {
+                continue;
+            };
+            // A source whose budget was this very deadline may report it a
+            // moment before our timer does: the call is what expired. Not so
+            // a source that waited out the deadline for a free connection:
+            // that wait is why the deadline passed.
+            if deadline.is_expired() && !error.is_wait_for_connection() {
+                return Err(Error::DeadlineExceeded(started.elapsed()));
             }
-            slots[i] = Some(outcome);
+            if mode == Mode::FailFast && !slot.optional {
+                return Err(Error::Source {
+                    source_name: slot.source.clone(),
+                    error: error.clone(),
+                });
+            }
         }
         Ok(())
     };

@@ -8,6 +8,9 @@ use support::*;
 use tonic::Code;
 use tonic_types::StatusExt;
 
+/// Bounds every wait so a regression fails the test instead of hanging it.
+const PATIENCE: Duration = Duration::from_secs(10);
+
 fn dash(aggregation: &str) -> AggregateRequest {
     AggregateRequest {
         aggregation: aggregation.into(),
@@ -89,13 +92,16 @@ fn assert_source_failure(status: &tonic::Status, code: Code, source: &str) {
 
 #[tokio::test]
 async fn sources_run_in_parallel() {
+    // Neither upstream answers before the gate opens: a gateway calling its
+    // sources one after the other would never send the second request.
+    let gate = Gate::new();
     let profile = Upstream::grpc()
         .delay(Duration::from_millis(100))
-        .start()
+        .start_gated(&gate)
         .await;
     let orders = Upstream::http()
         .delay(Duration::from_millis(100))
-        .start()
+        .start_gated(&gate)
         .await;
     let gateway = Gateway::start(&config(&[
         grpc_source("profile", &profile),
@@ -104,29 +110,35 @@ async fn sources_run_in_parallel() {
     ]))
     .await;
     let mut client = gateway.client().await;
-    // The first call also connects and learns the gRPC schema; measure the
-    // fan-out itself on the second.
-    client.aggregate(dash("dash")).await.unwrap();
 
     let started = Instant::now();
-    let response = client.aggregate(dash("dash")).await.unwrap().into_inner();
+    let (response, ()) = tokio::join!(client.aggregate(dash("dash")), async {
+        let both = profile.log.wait_for(PATIENCE, |s| s.started == 1).await
+            && orders.log.wait_for(PATIENCE, |s| s.started == 1).await;
+        assert!(
+            both,
+            "not parallel: profile {:?}, orders {:?}",
+            profile.log.stats(),
+            orders.log.stats()
+        );
+        gate.open();
+    });
     let elapsed = started.elapsed();
 
+    let response = response.unwrap().into_inner();
     assert!(response.complete);
     assert!(
         elapsed >= Duration::from_millis(100),
         "faster than the upstreams: {elapsed:?}"
     );
-    // Sequential calls would take 200 ms.
-    assert!(
-        elapsed < Duration::from_millis(180),
-        "not parallel: {elapsed:?}"
-    );
 }
 
 #[tokio::test]
 async fn a_slow_source_fails_the_call_at_the_callers_deadline_and_is_cancelled() {
-    let profile = Upstream::grpc().delay(Duration::from_secs(2)).start().await;
+    let profile = Upstream::grpc()
+        .delay(Duration::from_secs(10))
+        .start()
+        .await;
     let orders = Upstream::http().start().await;
     let gateway = Gateway::start(&config(&[
         grpc_source("profile", &profile),
@@ -144,15 +156,13 @@ async fn a_slow_source_fails_the_call_at_the_callers_deadline_and_is_cancelled()
     let elapsed = started.elapsed();
 
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    // Not before the deadline, and far from the 10 s the upstream takes.
     assert!(
-        elapsed >= Duration::from_millis(950) && elapsed <= Duration::from_millis(1400),
+        elapsed >= Duration::from_millis(950) && elapsed < Duration::from_secs(4),
         "answered after {elapsed:?}, expected about 1 s"
     );
     assert!(
-        profile
-            .log
-            .wait_for(Duration::from_secs(1), |s| s.cancelled == 1)
-            .await,
+        profile.log.wait_for(PATIENCE, |s| s.cancelled == 1).await,
         "the slow upstream was not cancelled: {:?}",
         profile.log.stats()
     );
@@ -160,7 +170,10 @@ async fn a_slow_source_fails_the_call_at_the_callers_deadline_and_is_cancelled()
 
 #[tokio::test]
 async fn the_aggregation_timeout_caps_a_call_without_a_deadline() {
-    let profile = Upstream::grpc().delay(Duration::from_secs(5)).start().await;
+    let profile = Upstream::grpc()
+        .delay(Duration::from_secs(10))
+        .start()
+        .await;
     let gateway = Gateway::start(&config(&[
         grpc_source("profile", &profile),
         aggregation("dash", &["profile"], "timeout = \"300ms\""),
@@ -173,8 +186,9 @@ async fn the_aggregation_timeout_caps_a_call_without_a_deadline() {
     let elapsed = started.elapsed();
 
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    // Not before the timeout, and far from the 10 s the upstream takes.
     assert!(
-        elapsed >= Duration::from_millis(300) && elapsed < Duration::from_millis(700),
+        elapsed >= Duration::from_millis(300) && elapsed < Duration::from_secs(3),
         "answered after {elapsed:?}, expected about 300 ms"
     );
 }
@@ -185,12 +199,9 @@ async fn a_failing_source_cancels_a_slow_grpc_source() {
         .delay(Duration::from_secs(10))
         .start()
         .await;
-    // A short delay so the slow request is surely in flight when this fails.
-    let orders = Upstream::http()
-        .status(503)
-        .delay(Duration::from_millis(50))
-        .start()
-        .await;
+    // Held until the slow request is surely in flight, then fails.
+    let gate = Gate::new();
+    let orders = Upstream::http().status(503).start_gated(&gate).await;
     let gateway = Gateway::start(&config(&[
         grpc_source("profile", &profile),
         http_source("orders", &orders, "/users/{user_id}/orders"),
@@ -200,11 +211,20 @@ async fn a_failing_source_cancels_a_slow_grpc_source() {
     let mut client = gateway.client().await;
 
     let started = Instant::now();
-    let status = client.aggregate(dash("dash")).await.unwrap_err();
+    let (result, ()) = tokio::join!(client.aggregate(dash("dash")), async {
+        assert!(
+            profile.log.wait_for(PATIENCE, |s| s.started == 1).await,
+            "the slow request never left: {:?}",
+            profile.log.stats()
+        );
+        gate.open();
+    });
+    let status = result.unwrap_err();
     let elapsed = started.elapsed();
 
+    // The slow source would have answered after 10 s.
     assert!(
-        elapsed < Duration::from_millis(300),
+        elapsed < Duration::from_secs(5),
         "the error waited for the slow source: {elapsed:?}"
     );
     assert_source_failure(&status, Code::Unavailable, "orders");
@@ -214,10 +234,7 @@ async fn a_failing_source_cancels_a_slow_grpc_source() {
         "the slow request never left"
     );
     assert!(
-        profile
-            .log
-            .wait_for(Duration::from_millis(500), |s| s.cancelled == 1)
-            .await,
+        profile.log.wait_for(PATIENCE, |s| s.cancelled == 1).await,
         "the slow gRPC upstream was not cancelled: {:?}",
         profile.log.stats()
     );
@@ -225,11 +242,11 @@ async fn a_failing_source_cancels_a_slow_grpc_source() {
 
 #[tokio::test]
 async fn a_failing_source_cancels_a_slow_http_source() {
-    // A short delay so the slow request is surely in flight when this fails.
+    // Held until the slow request is surely in flight, then fails.
+    let gate = Gate::new();
     let profile = Upstream::grpc()
         .fail_with(Code::NotFound, "no such user")
-        .delay(Duration::from_millis(50))
-        .start()
+        .start_gated(&gate)
         .await;
     let orders = Upstream::http()
         .delay(Duration::from_secs(10))
@@ -244,21 +261,27 @@ async fn a_failing_source_cancels_a_slow_http_source() {
     let mut client = gateway.client().await;
 
     let started = Instant::now();
-    let status = client.aggregate(dash("dash")).await.unwrap_err();
+    let (result, ()) = tokio::join!(client.aggregate(dash("dash")), async {
+        assert!(
+            orders.log.wait_for(PATIENCE, |s| s.started == 1).await,
+            "the slow request never left: {:?}",
+            orders.log.stats()
+        );
+        gate.open();
+    });
+    let status = result.unwrap_err();
     let elapsed = started.elapsed();
 
+    // The slow source would have answered after 10 s.
     assert!(
-        elapsed < Duration::from_millis(300),
+        elapsed < Duration::from_secs(5),
         "the error waited for the slow source: {elapsed:?}"
     );
     assert_source_failure(&status, Code::NotFound, "profile");
     assert!(status.message().contains("no such user"), "{status:?}");
     assert_eq!(orders.log.stats().started, 1, "the slow request never left");
     assert!(
-        orders
-            .log
-            .wait_for(Duration::from_millis(500), |s| s.cancelled == 1)
-            .await,
+        orders.log.wait_for(PATIENCE, |s| s.cancelled == 1).await,
         "the slow HTTP upstream was not cancelled: {:?}",
         orders.log.stats()
     );
@@ -271,8 +294,9 @@ async fn the_first_failure_wins() {
         .fail_with(Code::NotFound, "no such user")
         .start()
         .await;
+    // Fails too, but far later than `missing` could, however slow the machine.
     let denied = Upstream::grpc()
-        .delay(Duration::from_millis(200))
+        .delay(Duration::from_secs(10))
         .fail_with(Code::PermissionDenied, "go away")
         .start()
         .await;
@@ -306,13 +330,15 @@ async fn the_callers_deadline_travels_to_grpc_upstreams() {
     gateway
         .client()
         .await
-        .aggregate(with_timeout(dash("dash"), Duration::from_secs(2)))
+        .aggregate(with_timeout(dash("dash"), Duration::from_secs(8)))
         .await
         .unwrap();
 
+    // What is left of the caller's 8 s (not the aggregation's 10 s default);
+    // the lower bound leaves seconds for getting there.
     let seen = seen_grpc_timeout(&profile);
     assert!(
-        seen > Duration::from_millis(1500) && seen <= Duration::from_secs(2),
+        seen > Duration::from_secs(4) && seen <= Duration::from_secs(8),
         "upstream saw grpc-timeout {seen:?}"
     );
 }
@@ -322,8 +348,8 @@ async fn a_source_timeout_shortens_the_propagated_deadline() {
     let profile = Upstream::grpc().start().await;
     let gateway = Gateway::start(&config(&[
         grpc_source("profile", &profile),
-        "timeout = \"400ms\"\n".to_owned(),
-        aggregation("dash", &["profile"], "timeout = \"3s\""),
+        "timeout = \"5s\"\n".to_owned(),
+        aggregation("dash", &["profile"], "timeout = \"30s\""),
     ]))
     .await;
 
@@ -334,9 +360,11 @@ async fn a_source_timeout_shortens_the_propagated_deadline() {
         .await
         .unwrap();
 
+    // The source's 5 s, not the aggregation's 30 s; the lower bound leaves
+    // seconds for getting there.
     let seen = seen_grpc_timeout(&profile);
     assert!(
-        seen > Duration::from_millis(200) && seen <= Duration::from_millis(400),
+        seen > Duration::from_millis(2500) && seen <= Duration::from_secs(5),
         "upstream saw grpc-timeout {seen:?}"
     );
 }
@@ -359,17 +387,31 @@ async fn a_caller_that_goes_away_cancels_every_upstream() {
     .await;
     let mut client = gateway.client().await;
 
-    let call = tokio::time::timeout(Duration::from_millis(200), client.aggregate(dash("dash")));
-    assert!(call.await.is_err(), "the call should still be running");
-    let gone = Instant::now();
+    // Leave once both requests are in flight (neither can finish for 10 s).
+    tokio::select! {
+        result = client.aggregate(dash("dash")) => {
+            panic!("the call should still be running: {result:?}")
+        }
+        in_flight = async {
+            profile.log.wait_for(PATIENCE, |s| s.started == 1).await
+                && orders.log.wait_for(PATIENCE, |s| s.started == 1).await
+        } => assert!(
+            in_flight,
+            "not both in flight: {:?}, {:?}",
+            profile.log.stats(),
+            orders.log.stats()
+        ),
+    }
 
+    // Well before the upstreams would have answered (10 s); an answered
+    // request counts as finished, never as cancelled.
     let (profile_cancelled, orders_cancelled) = tokio::join!(
         profile
             .log
-            .wait_for(Duration::from_secs(1), |s| s.cancelled == 1),
+            .wait_for(Duration::from_secs(5), |s| s.cancelled == 1),
         orders
             .log
-            .wait_for(Duration::from_secs(1), |s| s.cancelled == 1),
+            .wait_for(Duration::from_secs(5), |s| s.cancelled == 1),
     );
     assert!(
         profile_cancelled,
@@ -381,7 +423,6 @@ async fn a_caller_that_goes_away_cancels_every_upstream() {
         "HTTP upstream not cancelled: {:?}",
         orders.log.stats()
     );
-    assert!(gone.elapsed() < Duration::from_secs(1));
 }
 
 #[tokio::test]
@@ -469,11 +510,8 @@ async fn best_effort_reports_failures_per_source_and_the_request_mode_overrides(
 
 #[tokio::test]
 async fn fetch_all_answers_in_aggregation_order() {
-    // The first source answers last.
-    let profile = Upstream::grpc()
-        .delay(Duration::from_millis(150))
-        .start()
-        .await;
+    // The first source answers last: 1 s is far longer than the other takes.
+    let profile = Upstream::grpc().delay(Duration::from_secs(1)).start().await;
     let orders = Upstream::http()
         .json(serde_json::json!({"count": 2}))
         .start()
@@ -596,8 +634,9 @@ async fn a_source_timeout_fails_the_call_naming_the_source() {
     let elapsed = started.elapsed();
 
     assert_source_failure(&status, Code::DeadlineExceeded, "stuck");
+    // Not before the source's timeout, and far from the aggregation's 5 s.
     assert!(
-        elapsed >= Duration::from_millis(150) && elapsed < Duration::from_millis(400),
+        elapsed >= Duration::from_millis(150) && elapsed < Duration::from_millis(2500),
         "answered after {elapsed:?}, expected about 150 ms"
     );
 }

@@ -22,9 +22,9 @@ fn rss_kib() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sustained_flood_is_shed_with_flat_memory() {
-    let stuck = Upstream::http().hang().start().await;
+    let stuck = Upstream::http().hang().on_its_own_thread().start().await;
     let gateway = Gateway::start(&format!(
-        "{}max_concurrent = 4\nqueue_timeout = \"5ms\"\n{}",
+        "{}max_concurrent = 4\nmax_connections = 4\nqueue_timeout = \"5ms\"\n{}",
         http_source("stuck", &stuck, "/u/{user_id}"),
         aggregation("stuck", &["stuck"], "timeout = \"100ms\""),
     ))
@@ -62,16 +62,19 @@ async fn a_sustained_flood_is_shed_with_flat_memory() {
             .count();
     }
     let after = rss_kib();
-    // 10,000 calls, nearly all refused; at most 4 upstream requests at once.
+    // 10,000 calls, nearly all refused: the cap holds whatever the machine's
+    // speed (how many deadline windows fit in a wave is not asserted).
     assert!(shed >= 9_000, "{shed} of 10000 shed");
+    let seen = stuck.log.stats();
+    assert!(
+        seen.peak <= 4,
+        "the upstream saw {} at once: {seen:?}",
+        seen.peak
+    );
+    assert!(seen.started >= 4, "the cap was never filled: {seen:?}");
     let grown = after.saturating_sub(before);
     assert!(
         grown < 8 * 1024,
         "RSS grew {grown} KiB over 10,000 calls ({before} -> {after})"
-    );
-    assert!(
-        stuck.log.stats().started <= 4 * 25 + 4,
-        "{:?}",
-        stuck.log.stats()
     );
 }

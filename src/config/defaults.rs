@@ -28,6 +28,11 @@ pub(super) struct DefaultsModel {
     pub coalesce: Option<bool>,
     pub breaker: Option<BreakerModel>,
     pub hedge: Option<HedgeModel>,
+    /// HTTP sources only; gRPC sources have one HTTP/2 connection.
+    pub max_connections: Option<usize>,
+    pub pool_max_idle: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    pub pool_idle_timeout: Option<Duration>,
 }
 
 /// A concurrency cap and how long a call may wait for a free slot.
@@ -90,6 +95,7 @@ impl Validator<'_> {
             ("timeout", d.timeout == Some(Duration::ZERO)),
             ("max_response_bytes", d.max_response_bytes == Some(0)),
             ("max_concurrent", d.max_concurrent == Some(0)),
+            ("max_connections", d.max_connections == Some(0)),
         ];
         match zero.into_iter().find(|(_, z)| *z) {
             Some((field, _)) => {

@@ -1,9 +1,16 @@
 //! `kind = "http"` sources: method, URL, header and body templates.
 
+use std::time::Duration;
+
 use http::{HeaderName, Method};
 
 use super::{ConfigError, Validator, source::SourceModel, toml_to_json};
 use crate::template::{JsonTemplate, StrTemplate, TemplateError, UrlTemplate};
+
+/// Default cap on one HTTP source's open connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+/// Default time an idle connection is kept (Go's `IdleConnTimeout`).
+pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 #[derive(Debug)]
 pub struct HttpSpec {
@@ -11,6 +18,18 @@ pub struct HttpSpec {
     pub url: UrlTemplate,
     pub headers: Vec<(HeaderName, StrTemplate)>,
     pub body: Option<JsonTemplate>,
+    pub pool: PoolSpec,
+}
+
+/// One HTTP source's connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSpec {
+    /// Sockets open at once; calls beyond wait for one within their deadline.
+    pub max_connections: usize,
+    /// Idle sockets kept for reuse.
+    pub max_idle: usize,
+    /// How long an idle socket is kept.
+    pub idle_timeout: Duration,
 }
 
 impl Validator<'_> {
@@ -63,6 +82,40 @@ impl Validator<'_> {
             url,
             headers,
             body,
+            pool: self.pool(name, model)?,
+        })
+    }
+
+    fn pool(&self, name: &str, model: &SourceModel) -> Result<PoolSpec, ConfigError> {
+        let d = self.defaults;
+        let max_connections = model
+            .max_connections
+            .or(d.max_connections)
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        if max_connections == 0 {
+            return Err(self.err(
+                format!("sources.{name}.max_connections"),
+                "must be at least 1",
+            ));
+        }
+        let max_idle = model
+            .pool_max_idle
+            .or(d.pool_max_idle)
+            .unwrap_or(max_connections);
+        if max_idle > max_connections {
+            return Err(self.err(
+                format!("sources.{name}.pool_max_idle"),
+                format!("must not exceed max_connections ({max_connections})"),
+            ));
+        }
+        let idle_timeout = model
+            .pool_idle_timeout
+            .or(d.pool_idle_timeout)
+            .unwrap_or(DEFAULT_POOL_IDLE_TIMEOUT);
+        Ok(PoolSpec {
+            max_connections,
+            max_idle,
+            idle_timeout,
         })
     }
 }

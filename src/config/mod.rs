@@ -26,7 +26,7 @@ pub use self::{
     aggregation::{AggregationSpec, Mode},
     defaults::{DEFAULT_QUEUE_TIMEOUT, Limit},
     grpc::GrpcSpec,
-    http::HttpSpec,
+    http::{DEFAULT_MAX_CONNECTIONS, DEFAULT_POOL_IDLE_TIMEOUT, HttpSpec, PoolSpec},
     resilience::{
         BreakerSpec, HealthCheckSpec, HealthTarget, HedgeDelay, HedgeSpec, RetryOn, RetrySpec,
     },

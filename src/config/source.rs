@@ -53,6 +53,10 @@ pub(super) struct SourceModel {
     pub(super) url: Option<String>,
     pub(super) headers: Option<BTreeMap<String, String>>,
     pub(super) body: Option<toml::Value>,
+    pub(super) max_connections: Option<usize>,
+    pub(super) pool_max_idle: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) pool_idle_timeout: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -69,7 +73,11 @@ impl SourceModel {
         match self.kind {
             SourceKindModel::Grpc => set(self.url.is_some(), "url")
                 .or(set(self.headers.is_some(), "headers"))
-                .or(set(self.body.is_some(), "body")),
+                .or(set(self.body.is_some(), "body"))
+                // One HTTP/2 connection carries every call to a gRPC upstream.
+                .or(set(self.max_connections.is_some(), "max_connections"))
+                .or(set(self.pool_max_idle.is_some(), "pool_max_idle"))
+                .or(set(self.pool_idle_timeout.is_some(), "pool_idle_timeout")),
             SourceKindModel::Http => set(self.endpoint.is_some(), "endpoint")
                 .or(set(self.request.is_some(), "request"))
                 .or(set(self.protos.is_some(), "protos"))

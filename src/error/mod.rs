@@ -88,6 +88,15 @@ pub enum SourceError {
     Overloaded(Full),
     #[error("response exceeds the {0}-byte size cap")]
     TooLarge(usize),
+    /// Converted to JSON, the response would exceed the source's size cap
+    /// (default fields written out, e.g. many empty sub-messages).
+    #[error("response converts to more than {0} bytes of JSON (max_response_bytes)")]
+    Expanded(usize),
+    /// Every connection to the upstream stayed busy until the deadline.
+    #[error(
+        "no connection to the upstream became free within the deadline (max_connections = {0})"
+    )]
+    NoConnection(usize),
     /// The response could not be decoded against the method's schema.
     #[error("cannot decode response: {0}")]
     Decode(String),
@@ -125,10 +134,16 @@ impl SourceError {
             if e.is::<tonic::TimeoutExpired>() {
                 return Self::Timeout(Duration::ZERO);
             }
+            // Some errors print their cause too ("tcp connect error: ..."),
+            // and some causes repeat their parent: say each thing once.
+            let text = e.to_string();
+            if message.contains(&text) {
+                continue;
+            }
             if !message.is_empty() {
                 message.push_str(": ");
             }
-            message.push_str(&e.to_string());
+            message.push_str(&text);
         }
         let cause: Cause = Arc::from(Box::<dyn std::error::Error + Send + Sync>::from(message));
         let refused = |e: &(dyn std::error::Error + 'static)| {
@@ -164,11 +179,19 @@ impl SourceError {
             ),
             Self::Http { status, .. } => status.is_server_error() || status.as_u16() == 429,
             Self::TooLarge(_)
+            | Self::Expanded(_)
+            | Self::NoConnection(_)
             | Self::Request { .. }
             | Self::Schema(_)
             | Self::Overloaded(_)
             | Self::CircuitOpen { .. } => false,
         }
+    }
+
+    /// A wait for one of the source's connections that lasted until the
+    /// deadline: reported as itself, since it is why the deadline passed.
+    pub fn is_wait_for_connection(&self) -> bool {
+        matches!(self, Self::NoConnection(_))
     }
 
     pub fn code(&self) -> Code {
@@ -178,7 +201,9 @@ impl SourceError {
             Self::Connect(_) | Self::Transport(_) | Self::CircuitOpen { .. } => Code::Unavailable,
             Self::Timeout(_) => Code::DeadlineExceeded,
             Self::NotJson(_) | Self::Decode(_) => Code::Internal,
-            Self::TooLarge(_) | Self::Overloaded(_) => Code::ResourceExhausted,
+            Self::TooLarge(_) | Self::Expanded(_) | Self::Overloaded(_) | Self::NoConnection(_) => {
+                Code::ResourceExhausted
+            }
             Self::Request { .. } => Code::InvalidArgument,
             Self::Schema(_) => Code::FailedPrecondition,
         }

@@ -1,6 +1,7 @@
-//! A tonic codec for messages known only at run time (prost-reflect).
+//! A tonic codec for messages known only at run time: requests go out as
+//! bytes already encoded, answers are decoded with prost-reflect.
 
-use prost::Message;
+use bytes::{BufMut, Bytes};
 use prost_reflect::{DynamicMessage, MessageDescriptor};
 use tonic::{
     Status,
@@ -26,13 +27,13 @@ impl DynamicCodec {
 }
 
 impl Codec for DynamicCodec {
-    type Encode = DynamicMessage;
+    type Encode = Bytes;
     type Decode = DynamicMessage;
-    type Encoder = DynamicEncoder;
+    type Encoder = RawEncoder;
     type Decoder = DynamicDecoder;
 
     fn encoder(&mut self) -> Self::Encoder {
-        DynamicEncoder
+        RawEncoder
     }
 
     fn decoder(&mut self) -> Self::Decoder {
@@ -40,16 +41,17 @@ impl Codec for DynamicCodec {
     }
 }
 
+/// Writes a message encoded beforehand.
 #[derive(Debug)]
-pub struct DynamicEncoder;
+pub struct RawEncoder;
 
-impl Encoder for DynamicEncoder {
-    type Item = DynamicMessage;
+impl Encoder for RawEncoder {
+    type Item = Bytes;
     type Error = Status;
 
-    fn encode(&mut self, item: Self::Item, dst: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
-        item.encode(dst)
-            .map_err(|e| Status::internal(format!("encoding request: {e}")))
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
+        dst.put_slice(&item);
+        Ok(())
     }
 
     fn buffer_settings(&self) -> BufferSettings {

@@ -1,24 +1,45 @@
 //! gRPC upstreams: one lazily connected HTTP/2 channel per source, requests
 //! built from the JSON template against the method's schema, responses
-//! turned into JSON. The caller's remaining budget travels as `grpc-timeout`.
+//! turned into JSON within the source's size cap. The caller's remaining
+//! budget travels as `grpc-timeout`.
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use prost_reflect::{DynamicMessage, SerializeOptions};
-use tokio::sync::OnceCell;
 use tonic::{
     Code,
     client::Grpc,
     transport::{Channel, Endpoint},
 };
 
-use super::{codec::DynamicCodec, schema};
-use crate::{config::GrpcSpec, deadline::Deadline, error::SourceError};
+use super::{codec::DynamicCodec, lookup::Lookup, schema};
+use crate::{
+    config::{GrpcSpec, SourceKind, SourceSpec},
+    deadline::Deadline,
+    error::SourceError,
+};
 
 pub struct GrpcUpstream {
-    spec: Arc<crate::config::SourceSpec>,
+    spec: Arc<SourceSpec>,
     channel: Channel,
-    schema: OnceCell<schema::MethodSchema>,
+    schema: Lookup<schema::MethodSchema>,
+}
+
+/// A request ready to send.
+#[derive(Debug, Clone)]
+pub struct GrpcRequest {
+    /// The rendered JSON as text: what identical calls have in common.
+    pub key: String,
+    pub body: GrpcBody,
+}
+
+/// Encoded once the method's schema is known, else JSON until the first call
+/// has learned it.
+#[derive(Debug, Clone)]
+pub enum GrpcBody {
+    Encoded(Bytes),
+    Json(serde_json::Value),
 }
 
 /// Protobuf JSON with the field names of the .proto, and every field present,
@@ -30,11 +51,11 @@ pub fn json_options() -> SerializeOptions {
 }
 
 impl GrpcUpstream {
-    pub fn new(spec: Arc<crate::config::SourceSpec>, grpc: &GrpcSpec) -> Self {
+    pub fn new(spec: Arc<SourceSpec>, grpc: &GrpcSpec) -> Self {
         let channel = Endpoint::from(grpc.endpoint.clone())
             .tcp_nodelay(true)
             .connect_lazy();
-        let schema = OnceCell::new_with(grpc.schema.clone());
+        let schema = Lookup::new(grpc.schema.clone());
         Self {
             spec,
             channel,
@@ -42,35 +63,50 @@ impl GrpcUpstream {
         }
     }
 
-    /// Whether `grpc.health.v1.Health/Check` says `service` is SERVING.
-    pub async fn check_health(&self, service: &str) -> bool {
+    /// Whether `grpc.health.v1.Health/Check` says `service` is SERVING; the
+    /// reason when not.
+    pub async fn check_health(&self, service: &str) -> Result<(), String> {
         use tonic_health::pb::{
             HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
         };
         let request = HealthCheckRequest {
             service: service.to_owned(),
         };
-        HealthClient::new(self.channel.clone())
-            .check(request)
-            .await
-            .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
-    }
-
-    fn grpc(&self) -> &GrpcSpec {
-        match &self.spec.kind {
-            crate::config::SourceKind::Grpc(g) => g,
-            crate::config::SourceKind::Http(_) => unreachable!("built from a gRPC spec"),
+        match HealthClient::new(self.channel.clone()).check(request).await {
+            Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => Ok(()),
+            Ok(r) => Err(format!(
+                "grpc.health.v1 says `{service}` is {:?}",
+                ServingStatus::try_from(r.get_ref().status).unwrap_or(ServingStatus::Unknown)
+            )),
+            Err(status) => Err(format!(
+                "grpc.health.v1 Check of `{service}`: {}",
+                SourceError::from_status(status)
+            )),
         }
     }
 
-    /// The method's schema; learned by reflection once, and not cached on
-    /// failure, so an upstream that was down at first use is asked again.
+    fn grpc(&self) -> Option<&GrpcSpec> {
+        match &self.spec.kind {
+            SourceKind::Grpc(g) => Some(g),
+            SourceKind::Http(_) => None,
+        }
+    }
+
+    /// The method's schema, if known yet (descriptors, or a lookup done).
+    pub fn known_schema(&self) -> Option<&schema::MethodSchema> {
+        self.schema.get()
+    }
+
+    /// The method's schema; learned by reflection on first use, one lookup
+    /// at a time and backed off after failures ([`Lookup`]).
     async fn schema(&self) -> Result<&schema::MethodSchema, SourceError> {
-        let grpc = self.grpc();
+        let Some(grpc) = self.grpc() else {
+            return Err(SourceError::Schema("not a gRPC source".into()));
+        };
         // Boxed: the reflection exchange is a large future needed once, and
         // inline it would weigh on every call in flight.
         self.schema
-            .get_or_try_init(|| {
+            .get_or_lookup(|| {
                 Box::pin(async {
                     let s =
                         schema::resolve(self.channel.clone(), &grpc.service, &grpc.method).await?;
@@ -83,16 +119,23 @@ impl GrpcUpstream {
 
     pub async fn call(
         &self,
-        request: serde_json::Value,
+        request: GrpcRequest,
         deadline: Deadline,
     ) -> Result<serde_json::Value, SourceError> {
         let schema = self.schema().await?;
-        let message = DynamicMessage::deserialize(schema.input.clone(), request).map_err(|e| {
-            SourceError::Request {
-                message: schema.input.full_name().to_owned(),
-                detail: e.to_string(),
+        let path = match self.grpc() {
+            Some(g) => g.path.clone(),
+            None => return Err(SourceError::Schema("not a gRPC source".into())),
+        };
+        let message = match request.body {
+            GrpcBody::Encoded(bytes) => bytes,
+            GrpcBody::Json(json) => {
+                schema::encode(&schema.input, json).map_err(|detail| SourceError::Request {
+                    message: schema.input.full_name().to_owned(),
+                    detail,
+                })?
             }
-        })?;
+        };
         let mut request = tonic::Request::new(message);
         let budget = deadline.remaining();
         request.set_timeout(budget);
@@ -102,11 +145,7 @@ impl GrpcUpstream {
             .await
             .map_err(|e| SourceError::Connect(Arc::from(e)))?;
         let response = grpc
-            .unary(
-                request,
-                self.grpc().path.clone(),
-                DynamicCodec::new(schema.output.clone()),
-            )
+            .unary(request, path, DynamicCodec::new(schema.output.clone()))
             .await;
         let response = match response {
             Ok(response) => response,
@@ -121,10 +160,45 @@ impl GrpcUpstream {
                 other => return Err(other),
             },
         };
-        response
-            .into_inner()
-            .serialize_with_options(serde_json::value::Serializer, &json_options())
-            .map_err(|e| SourceError::Decode(e.to_string()))
+        to_json(&response.into_inner(), limit)
+    }
+}
+
+/// The answer as JSON, refused beyond `limit` bytes of it: protobuf writes
+/// nothing for a default field, JSON here writes every one, so a small
+/// answer of many empty sub-messages would otherwise become a huge document.
+/// The size is counted first, without building anything.
+fn to_json(message: &DynamicMessage, limit: usize) -> Result<serde_json::Value, SourceError> {
+    let mut counted = Counter { written: 0, limit };
+    let options = json_options();
+    let mut counter = serde_json::Serializer::new(&mut counted);
+    match message.serialize_with_options(&mut counter, &options) {
+        Err(e) if e.is_io() => return Err(SourceError::Expanded(limit)),
+        Err(e) => return Err(SourceError::Decode(e.to_string())),
+        Ok(()) => {}
+    }
+    message
+        .serialize_with_options(serde_json::value::Serializer, &options)
+        .map_err(|e| SourceError::Decode(e.to_string()))
+}
+
+/// Counts bytes written, failing past `limit`.
+struct Counter {
+    written: usize,
+    limit: usize,
+}
+
+impl std::io::Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.written += buf.len();
+        if self.written > self.limit {
+            return Err(std::io::Error::other("over the limit"));
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

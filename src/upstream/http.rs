@@ -1,5 +1,5 @@
-//! HTTP/JSON upstreams over one pooled hyper client. Bodies are read up to the
-//! source's size cap and must be JSON.
+//! HTTP/JSON upstreams: one connection pool per source ([`super::pool`]).
+//! Bodies are read up to the source's size cap and must be JSON.
 
 use std::{sync::Arc, time::Duration};
 
@@ -7,23 +7,78 @@ use bytes::Bytes;
 use http::{Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
+    client::legacy::Client,
+    rt::{TokioExecutor, TokioTimer},
 };
+use tokio::sync::Semaphore;
 
+use super::pool::CappedConnector;
 use crate::{
-    config::HttpSpec,
+    config::{HttpSpec, PoolSpec},
+    deadline::Deadline,
     error::{Cause, SourceError},
     template::{Params, RenderError, render_header},
 };
 
-/// The connection pool shared by every HTTP source.
-pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+/// The longest URL a rendered request may have: far above what real
+/// services take (8 KiB is common), far below what breaks a URI (64 KiB).
+pub const MAX_URL_BYTES: usize = 16 * 1024;
 
-pub fn client() -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new()).build(connector)
+/// One HTTP source's client.
+pub struct HttpUpstream {
+    client: Client<CappedConnector, Full<Bytes>>,
+    /// One per connection: a request holds one from before it is sent until
+    /// its body is read, so calls beyond the cap wait here, in order.
+    slots: Arc<Semaphore>,
+    max_connections: usize,
+    /// Health checks have a connection of their own: a saturated pool must
+    /// not read as an unhealthy upstream.
+    checks: Client<CappedConnector, Full<Bytes>>,
+}
+
+impl HttpUpstream {
+    pub fn new(pool: &PoolSpec) -> Self {
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_max_idle_per_host(pool.max_idle)
+            .pool_idle_timeout(pool.idle_timeout)
+            .build(CappedConnector::new(pool.max_connections));
+        let checks = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_max_idle_per_host(1)
+            .build(CappedConnector::new(1));
+        Self {
+            client,
+            slots: Arc::new(Semaphore::new(pool.max_connections)),
+            max_connections: pool.max_connections,
+            checks,
+        }
+    }
+
+    /// Sends the request once a connection is free, within the deadline.
+    pub async fn call(
+        &self,
+        request: Request<Bytes>,
+        deadline: Deadline,
+        limit: usize,
+    ) -> Result<serde_json::Value, SourceError> {
+        let slot = tokio::time::timeout_at(deadline.instant(), self.slots.acquire()).await;
+        let Ok(Ok(_slot)) = slot else {
+            return Err(SourceError::NoConnection(self.max_connections));
+        };
+        send(&self.client, request, limit).await
+    }
+
+    /// Whether a GET of `uri` answers 2xx; the reason when not.
+    pub async fn check_health(&self, uri: &http::Uri) -> Result<(), String> {
+        let mut request = Request::new(Full::default());
+        *request.uri_mut() = uri.clone();
+        match self.checks.request(request).await {
+            Ok(r) if r.status().is_success() => Ok(()),
+            Ok(r) => Err(format!("GET {uri} answered HTTP {}", r.status())),
+            Err(e) => Err(format!("GET {uri}: {}", SourceError::from_transport(&e))),
+        }
+    }
 }
 
 static JSON: header::HeaderValue = header::HeaderValue::from_static("application/json");
@@ -32,6 +87,15 @@ static JSON: header::HeaderValue = header::HeaderValue::from_static("application
 /// be copied for a retry and keyed for coalescing.
 pub fn prepare(spec: &HttpSpec, params: &Params) -> Result<Request<Bytes>, RenderError> {
     let uri = spec.url.render(params)?;
+    if uri.len() > MAX_URL_BYTES {
+        let names: Vec<&str> = spec.url.params().map(|p| &**p).collect();
+        return Err(RenderError::TooLong {
+            what: "URL",
+            len: uri.len(),
+            max: MAX_URL_BYTES,
+            params: names.join(", "),
+        });
+    }
     let mut builder = Request::builder()
         .method(spec.method.clone())
         .uri(uri)
@@ -42,12 +106,21 @@ pub fn prepare(spec: &HttpSpec, params: &Params) -> Result<Request<Bytes>, Rende
     let body = match &spec.body {
         Some(body) => {
             builder = builder.header(header::CONTENT_TYPE, JSON.clone());
-            Bytes::from(serde_json::to_vec(&body.render(params)?).expect("JSON values serialize"))
+            Bytes::from(body.render(params)?.to_string())
         }
         None => Bytes::new(),
     };
-    // Parameters were percent-encoded and header values checked, so this holds.
-    Ok(builder.body(body).expect("rendered request is valid"))
+    // Parameters were percent-encoded and header values checked, so this
+    // should hold; if it does not, the caller hears why, nothing panics.
+    builder.body(body).map_err(|_| RenderError::Invalid {
+        name: spec
+            .url
+            .params()
+            .next()
+            .cloned()
+            .unwrap_or_else(|| "url".into()),
+        reason: "does not make a valid request",
+    })
 }
 
 /// `Retry-After` as delay-seconds or an HTTP date; a date in the past is no
@@ -63,18 +136,8 @@ fn retry_after(value: &str) -> Option<Duration> {
     )
 }
 
-/// Whether a GET of `uri` answers 2xx.
-pub async fn check_health(client: &HttpClient, uri: &http::Uri) -> bool {
-    let mut request = Request::new(Full::default());
-    *request.uri_mut() = uri.clone();
-    client
-        .request(request)
-        .await
-        .is_ok_and(|r| r.status().is_success())
-}
-
-pub async fn call(
-    client: &HttpClient,
+async fn send(
+    client: &Client<CappedConnector, Full<Bytes>>,
     request: Request<Bytes>,
     limit: usize,
 ) -> Result<serde_json::Value, SourceError> {

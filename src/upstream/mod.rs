@@ -6,6 +6,8 @@
 pub mod codec;
 pub mod grpc;
 pub mod http;
+pub mod lookup;
+pub mod pool;
 pub mod schema;
 
 use std::{
@@ -59,22 +61,23 @@ pub struct Fetched {
 
 enum Client {
     Grpc(grpc::GrpcUpstream),
-    Http(http::HttpClient),
+    /// Boxed: two hyper clients; a source is built once, at load.
+    Http(Box<http::HttpUpstream>),
 }
 
 /// A rendered request, ready to send.
 pub enum Prepared {
-    Grpc(serde_json::Value),
+    Grpc(grpc::GrpcRequest),
     Http(Box<::http::Request<Bytes>>),
 }
 
 impl Source {
     /// Builds the client; gRPC channels connect lazily, so a down upstream
     /// does not stop the gateway from starting.
-    pub fn new(spec: Arc<SourceSpec>, http: &http::HttpClient) -> Self {
+    pub fn new(spec: Arc<SourceSpec>) -> Self {
         let client = match &spec.kind {
             SourceKind::Grpc(g) => Client::Grpc(grpc::GrpcUpstream::new(spec.clone(), g)),
-            SourceKind::Http(_) => Client::Http(http.clone()),
+            SourceKind::Http(h) => Client::Http(Box::new(http::HttpUpstream::new(&h.pool))),
         };
         Self {
             params: spec.params(),
@@ -94,7 +97,26 @@ impl Source {
 
     pub fn prepare(&self, params: &Params) -> Result<Prepared, RenderError> {
         Ok(match &self.spec.kind {
-            SourceKind::Grpc(g) => Prepared::Grpc(g.request.render(params)?),
+            SourceKind::Grpc(g) => {
+                let json = g.request.render(params)?;
+                let schema = match &self.client {
+                    Client::Grpc(c) => c.known_schema(),
+                    Client::Http(_) => None,
+                };
+                // The JSON text is the coalescing key either way, so calls
+                // made before and after the schema is learned still share.
+                let key = json.to_string();
+                let body = match schema {
+                    Some(schema) => grpc::GrpcBody::Encoded(schema::encode_request(
+                        &schema.input,
+                        json,
+                        &g.request,
+                        params,
+                    )?),
+                    None => grpc::GrpcBody::Json(json),
+                };
+                Prepared::Grpc(grpc::GrpcRequest { key, body })
+            }
             SourceKind::Http(h) => Prepared::Http(Box::new(http::prepare(h, params)?)),
         })
     }
@@ -140,18 +162,23 @@ impl Source {
                     (Client::Grpc(g), HealthTarget::Grpc { service }) => {
                         g.check_health(service).await
                     }
-                    (Client::Http(c), HealthTarget::Http(uri)) => http::check_health(c, uri).await,
-                    _ => unreachable!("validated with the source's kind"),
+                    (Client::Http(c), HealthTarget::Http(uri)) => c.check_health(uri).await,
+                    // Validated with the source's kind; never a verdict.
+                    _ => Ok(()),
                 }
             };
-            let healthy = tokio::time::timeout(check.timeout, probe)
+            let verdict = tokio::time::timeout(check.timeout, probe)
                 .await
-                .unwrap_or(false);
+                .unwrap_or_else(|_| Err(format!("no answer within {:?}", check.timeout)));
+            let healthy = verdict.is_ok();
             if healthy != was_healthy {
-                if healthy {
-                    tracing::info!(source = %self.spec.name, "health check passes again");
-                } else {
-                    tracing::warn!(source = %self.spec.name, "health check failed: circuit open");
+                match &verdict {
+                    Ok(()) => tracing::info!(source = %self.spec.name, "health check passes again"),
+                    Err(reason) => tracing::warn!(
+                        source = %self.spec.name,
+                        reason = %crate::error::truncate(reason, 512),
+                        "health check failed: circuit open"
+                    ),
                 }
                 was_healthy = healthy;
             }
@@ -335,7 +362,7 @@ impl Source {
         match (&self.client, prepared) {
             (Client::Grpc(g), Prepared::Grpc(json)) => g.call(json, deadline).await,
             (Client::Http(c), Prepared::Http(req)) => {
-                http::call(c, *req, self.spec.max_response_bytes).await
+                c.call(*req, deadline, self.spec.max_response_bytes).await
             }
             _ => unreachable!("prepared by the same source"),
         }
@@ -348,7 +375,7 @@ impl Prepared {
     /// different credentials never share.
     fn key(&self) -> Vec<u8> {
         match self {
-            Self::Grpc(json) => serde_json::to_vec(json).expect("JSON values serialize"),
+            Self::Grpc(request) => request.key.as_bytes().to_vec(),
             Self::Http(request) => {
                 let mut key = Vec::with_capacity(256);
                 for part in [request.method().as_str().as_bytes(), b" "] {

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 
 use prost::Message;
-use prost_reflect::{DescriptorPool, Kind, MessageDescriptor};
+use prost_reflect::{DescriptorPool, DynamicMessage, Kind, MessageDescriptor};
 use prost_types::FileDescriptorProto;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -16,7 +16,10 @@ use tonic_reflection::pb::v1::{
     server_reflection_response::MessageResponse,
 };
 
-use crate::{error::SourceError, template::JsonTemplate};
+use crate::{
+    error::SourceError,
+    template::{JsonTemplate, Params, RenderError},
+};
 
 /// Request and response types of one method.
 #[derive(Debug, Clone)]
@@ -84,6 +87,99 @@ pub fn check_template(template: &JsonTemplate, message: &MessageDescriptor) -> R
     Ok(())
 }
 
+/// The rendered request as protobuf bytes.
+pub fn encode(input: &MessageDescriptor, json: serde_json::Value) -> Result<bytes::Bytes, String> {
+    let message = DynamicMessage::deserialize(input.clone(), json).map_err(|e| e.to_string())?;
+    Ok(message.encode_to_vec().into())
+}
+
+/// [`encode`] at render time, when the schema is known: a parameter that
+/// cannot fill its field (`"abc"` for an `int32`) is the caller's error,
+/// named with the field, before any upstream is called.
+pub fn encode_request(
+    input: &MessageDescriptor,
+    json: serde_json::Value,
+    template: &JsonTemplate,
+    params: &Params,
+) -> Result<bytes::Bytes, RenderError> {
+    encode(input, json).map_err(|detail| {
+        culprit(template, params, input).unwrap_or_else(|| {
+            let names: Vec<&str> = template.params().map(|p| &**p).collect();
+            RenderError::Mismatch {
+                name: names.join(", ").into(),
+                field: format!("`{}`", input.full_name()),
+                detail,
+            }
+        })
+    })
+}
+
+/// The first templated field whose rendered value alone does not fit.
+fn culprit(
+    template: &JsonTemplate,
+    params: &Params,
+    message: &MessageDescriptor,
+) -> Option<RenderError> {
+    for (key, sub) in template.keys()? {
+        if sub.params().next().is_none() {
+            continue;
+        }
+        let Some(field) = message
+            .get_field_by_json_name(key)
+            .or_else(|| message.get_field_by_name(key))
+        else {
+            continue;
+        };
+        if let (Kind::Message(inner), Some(_)) = (field.kind(), sub.keys()) {
+            if !field.is_list() && !field.is_map() {
+                if let Some(found) = culprit(sub, params, &inner) {
+                    return Some(found);
+                }
+                continue;
+            }
+        }
+        let probe = serde_json::json!({ key: sub.render(params).ok()? });
+        if let Err(e) = DynamicMessage::deserialize(message.clone(), probe) {
+            let mut names: Vec<&str> = sub.params().map(|p| &**p).collect();
+            names.dedup();
+            return Some(RenderError::Mismatch {
+                name: names.join(", ").into(),
+                field: format!("`{}` ({})", field.full_name(), kind_name(&field)),
+                detail: e.to_string(),
+            });
+        }
+    }
+    None
+}
+
+/// The field's type as the .proto spells it.
+fn kind_name(field: &prost_reflect::FieldDescriptor) -> String {
+    let base = match field.kind() {
+        Kind::Double => "double".to_owned(),
+        Kind::Float => "float".to_owned(),
+        Kind::Int32 => "int32".to_owned(),
+        Kind::Int64 => "int64".to_owned(),
+        Kind::Uint32 => "uint32".to_owned(),
+        Kind::Uint64 => "uint64".to_owned(),
+        Kind::Sint32 => "sint32".to_owned(),
+        Kind::Sint64 => "sint64".to_owned(),
+        Kind::Fixed32 => "fixed32".to_owned(),
+        Kind::Fixed64 => "fixed64".to_owned(),
+        Kind::Sfixed32 => "sfixed32".to_owned(),
+        Kind::Sfixed64 => "sfixed64".to_owned(),
+        Kind::Bool => "bool".to_owned(),
+        Kind::String => "string".to_owned(),
+        Kind::Bytes => "bytes".to_owned(),
+        Kind::Message(m) => m.full_name().to_owned(),
+        Kind::Enum(e) => e.full_name().to_owned(),
+    };
+    if field.is_list() {
+        format!("repeated {base}")
+    } else {
+        base
+    }
+}
+
 const REFLECTION_V1: &str = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
 const REFLECTION_V1ALPHA: &str = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo";
 
@@ -93,13 +189,27 @@ pub async fn resolve(
     service: &str,
     method: &str,
 ) -> Result<MethodSchema, SourceError> {
-    let files = match fetch_files(channel.clone(), REFLECTION_V1, service).await {
-        Err(SourceError::Grpc {
-            code: Code::Unimplemented,
-            ..
-        }) => fetch_files(channel, REFLECTION_V1ALPHA, service).await?,
-        other => other?,
+    let unimplemented = |r: &Result<_, SourceError>| {
+        matches!(
+            r,
+            Err(SourceError::Grpc {
+                code: Code::Unimplemented,
+                ..
+            })
+        )
     };
+    let mut files = fetch_files(channel.clone(), REFLECTION_V1, service).await;
+    if unimplemented(&files) {
+        files = fetch_files(channel, REFLECTION_V1ALPHA, service).await;
+    }
+    if unimplemented(&files) {
+        return Err(SourceError::Schema(
+            "the upstream does not serve gRPC server reflection (v1 or v1alpha) to learn the \
+             method's schema from: give the source `protos` or `descriptor_set`"
+                .into(),
+        ));
+    }
+    let files = files?;
     let mut pool = DescriptorPool::new();
     pool.add_file_descriptor_protos(files).map_err(|e| {
         SourceError::Schema(format!("reflection returned invalid descriptors: {e}"))

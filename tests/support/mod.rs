@@ -46,6 +46,8 @@ use tonic::{Code, service::Routes, transport::Channel};
 pub struct Log {
     stats: Arc<watch::Sender<Stats>>,
     requests: Arc<Mutex<Vec<Seen>>>,
+    /// Every HTTP path a gRPC upstream was asked for, reflection included.
+    paths: Arc<Mutex<Vec<String>>>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -58,6 +60,12 @@ pub struct Stats {
     pub cancelled: u32,
     /// The most requests ever in the handler at once.
     pub peak: u32,
+    /// Connections open now (HTTP upstreams).
+    pub connections: u32,
+    /// The most connections ever open at once.
+    pub peak_connections: u32,
+    /// Connections accepted in all.
+    pub connections_accepted: u32,
 }
 
 impl Stats {
@@ -84,6 +92,12 @@ impl Log {
         self.requests.lock().unwrap().clone()
     }
 
+    /// How many requests a gRPC upstream got whose path starts with `prefix`.
+    pub fn paths_starting(&self, prefix: &str) -> usize {
+        let paths = self.paths.lock().unwrap();
+        paths.iter().filter(|p| p.starts_with(prefix)).count()
+    }
+
     /// Waits until `cond` holds, at most `within`; returns whether it did.
     pub async fn wait_for(&self, within: Duration, cond: impl FnMut(&Stats) -> bool) -> bool {
         let mut rx = self.stats.subscribe();
@@ -102,6 +116,48 @@ impl Log {
             log: self.clone(),
             done: false,
         }
+    }
+}
+
+impl Log {
+    /// Counts a connection open until the guard is dropped.
+    fn connection(&self) -> OpenConnection {
+        self.stats.send_modify(|s| {
+            s.connections += 1;
+            s.connections_accepted += 1;
+            s.peak_connections = s.peak_connections.max(s.connections);
+        });
+        OpenConnection(self.clone())
+    }
+}
+
+/// One open connection of an upstream, until dropped.
+struct OpenConnection(Log);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.stats.send_modify(|s| s.connections -= 1);
+    }
+}
+
+/// A hyper service that holds its connection's [`OpenConnection`]: hyper
+/// keeps the service for as long as the connection lives.
+#[derive(Clone)]
+struct PerConnection<S> {
+    inner: S,
+    _open: Arc<OpenConnection>,
+}
+
+impl<S, R> hyper::service::Service<R> for PerConnection<S>
+where
+    S: hyper::service::Service<R>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, request: R) -> Self::Future {
+        self.inner.call(request)
     }
 }
 
@@ -212,9 +268,15 @@ impl GrpcUpstream {
                 .unwrap();
             routes = routes.add_service(reflection);
         }
+        let (routes, paths) = (routes.prepare(), log.paths.clone());
+        let service = tower::service_fn(move |req: Request<Incoming>| {
+            paths.lock().unwrap().push(req.uri().path().to_owned());
+            let mut routes = routes.clone();
+            async move { tower::Service::call(&mut routes, req).await }
+        });
         tokio::spawn(serve_h2(
             listener,
-            routes.prepare(),
+            service,
             H2Limits::default(),
             ConnPolicy::default(),
             stop.clone().cancelled_owned(),
@@ -268,6 +330,8 @@ pub struct HttpUpstream {
     fail_first: Option<(u32, StatusCode, Option<&'static str>)>,
     /// The first `.0` requests take `.1` instead of `delay`.
     slow_first: Option<(u32, Duration)>,
+    /// Served by a runtime of its own, on its own thread.
+    own_thread: bool,
 }
 
 impl Default for HttpUpstream {
@@ -279,11 +343,21 @@ impl Default for HttpUpstream {
             hang: false,
             fail_first: None,
             slow_first: None,
+            own_thread: false,
         }
     }
 }
 
 impl HttpUpstream {
+    /// Serves from a single-threaded runtime of its own, as a separate
+    /// process would: it sees its connections' events in the order they
+    /// arrive (a closed connection before a new one), whatever load the
+    /// test's own runtime is under.
+    pub fn on_its_own_thread(mut self) -> Self {
+        self.own_thread = true;
+        self
+    }
+
     pub fn delay(mut self, delay: Duration) -> Self {
         self.delay = delay;
         self
@@ -325,6 +399,7 @@ impl HttpUpstream {
         let addr = listener.local_addr().unwrap();
         let log = Log::default();
         let stop = CancellationToken::new();
+        let own_thread = self.own_thread;
         let behaviour = Arc::new(self);
         let handler_log = log.clone();
         let service = TowerToHyperService::new(tower::service_fn(move |req: Request<Incoming>| {
@@ -365,17 +440,39 @@ impl HttpUpstream {
             }
         }));
         let server = auto::Builder::new(TokioExecutor::new());
-        tokio::spawn(accept_loop(
-            listener,
-            ConnPolicy::default(),
-            move |io, _| {
-                server
-                    .serve_connection(TokioIo::new(io), service.clone())
-                    .into_owned()
-            },
-            stop.clone().cancelled_owned(),
-            Duration::ZERO,
-        ));
+        let stopped = stop.clone().cancelled_owned();
+        let conn_log = log.clone();
+        let serve = move |listener| {
+            accept_loop(
+                listener,
+                ConnPolicy::default(),
+                move |io, _| {
+                    let service = PerConnection {
+                        inner: service.clone(),
+                        _open: Arc::new(conn_log.connection()),
+                    };
+                    server
+                        .serve_connection(TokioIo::new(io), service)
+                        .into_owned()
+                },
+                stopped,
+                Duration::ZERO,
+            )
+        };
+        if own_thread {
+            let listener = listener.into_std().unwrap();
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async move {
+                    serve(TcpListener::from_std(listener).unwrap()).await;
+                });
+            });
+        } else {
+            tokio::spawn(serve(listener));
+        }
         Running { addr, log, stop }
     }
 }
@@ -902,4 +999,61 @@ impl HttpUpstream {
         ));
         Running { addr, log, stop }
     }
+}
+
+/// An address that refuses connections for as long as the returned socket
+/// lives: bound but not listening, so that no server of a test running at
+/// the same time can be given the port (as may happen once `refused_addr`
+/// has released it).
+pub fn refusing_addr() -> (tokio::net::TcpSocket, SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    (socket, addr)
+}
+
+/// A gRPC upstream that answers every call with `message` (protobuf bytes,
+/// whatever the method), counting the calls it got.
+pub async fn grpc_answering(message: Bytes) -> Running {
+    use http_body_util::{BodyExt, StreamBody};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log = Log::default();
+    let stop = CancellationToken::new();
+    let handler_log = log.clone();
+    let service = tower::service_fn(move |req: Request<Incoming>| {
+        let (log, message) = (handler_log.clone(), message.clone());
+        async move {
+            log.start(Seen {
+                target: req.uri().path().to_owned(),
+                headers: req.headers().clone(),
+            })
+            .finish();
+            let mut framed = Vec::with_capacity(message.len() + 5);
+            framed.push(0);
+            framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+            framed.extend_from_slice(&message);
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+            let frames = [
+                Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(framed))),
+                Ok(http_body::Frame::trailers(trailers)),
+            ];
+            let body = StreamBody::new(futures_util::stream::iter(frames)).boxed();
+            let response = Response::builder()
+                .header("content-type", "application/grpc")
+                .body(body)
+                .unwrap();
+            Ok::<_, Infallible>(response)
+        }
+    });
+    tokio::spawn(serve_h2(
+        listener,
+        service,
+        H2Limits::default(),
+        ConnPolicy::default(),
+        stop.clone().cancelled_owned(),
+        Duration::ZERO,
+    ));
+    Running { addr, log, stop }
 }
