@@ -44,12 +44,23 @@ pub struct Failure {
 /// One source to call: the source, whether it is optional, its rendered request.
 pub type Dispatch<'a> = (&'a Arc<Source>, bool, Prepared);
 
+/// How a call's sources are run and judged.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    pub mode: Mode,
+    /// Fewer successful sources than this (at most the call's number of
+    /// sources) fail the call, whatever the mode.
+    pub min_success: usize,
+    pub deadline: Deadline,
+}
+
 /// Calls every source concurrently. Results come back in the order given.
-pub async fn run(
-    calls: Vec<Dispatch<'_>>,
-    mode: Mode,
-    deadline: Deadline,
-) -> Result<Vec<Outcome>, Failure> {
+pub async fn run(calls: Vec<Dispatch<'_>>, policy: Policy) -> Result<Vec<Outcome>, Failure> {
+    let Policy {
+        mode,
+        min_success,
+        deadline,
+    } = policy;
     let started = Instant::now();
     let mut slots: Vec<Option<Outcome>> = calls.iter().map(|_| None).collect();
     let mut pending: FuturesUnordered<_> = calls
@@ -120,10 +131,8 @@ pub async fn run(
     drop(pending);
     let error = match result {
         Ok(Ok(())) => {
-            return Ok(slots
-                .into_iter()
-                .map(|s| s.expect("every source finished"))
-                .collect());
+            let outcomes: Vec<Outcome> = slots.into_iter().flatten().collect();
+            return judge(outcomes, min_success);
         }
         Ok(Err(error)) => error,
         Err(_) => Error::DeadlineExceeded(started.elapsed()),
@@ -132,4 +141,81 @@ pub async fn run(
         error,
         finished: slots.into_iter().flatten().collect(),
     })
+}
+
+/// A call whose sources all finished: fewer successes than `min_success`
+/// (capped at the number of sources) is a failure, not an empty success.
+/// Skipped and failed sources, served a fallback or not, have not succeeded.
+fn judge(outcomes: Vec<Outcome>, min_success: usize) -> Result<Vec<Outcome>, Failure> {
+    let total = outcomes.len();
+    let succeeded = outcomes.iter().filter(|o| o.result.is_ok()).count();
+    let min = min_success.min(total);
+    if succeeded >= min {
+        return Ok(outcomes);
+    }
+    let failed = outcomes
+        .iter()
+        .filter_map(|o| Some((o.source.clone(), o.result.as_ref().err()?.clone())))
+        .collect();
+    Err(Failure {
+        error: Error::TooFewSucceeded {
+            succeeded,
+            total,
+            min,
+            failed,
+        },
+        finished: outcomes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::Code;
+
+    use super::*;
+
+    fn outcome(name: &str, result: Result<serde_json::Value, SourceError>) -> Outcome {
+        Outcome {
+            source: name.into(),
+            optional: true,
+            result,
+            elapsed: Duration::ZERO,
+            attempts: 1,
+            coalesced: false,
+            skipped: false,
+            fallback: None,
+        }
+    }
+
+    fn failed(code: Code) -> Result<serde_json::Value, SourceError> {
+        Err(SourceError::Grpc {
+            code,
+            message: String::new(),
+        })
+    }
+
+    #[test]
+    fn too_few_successes_fail_with_the_highest_ranked_code() {
+        let outcomes = vec![
+            outcome("a", failed(Code::Unavailable)),
+            outcome("b", Ok(serde_json::Value::Null)),
+            outcome("c", failed(Code::NotFound)),
+            outcome("d", failed(Code::Internal)),
+        ];
+        let failure = judge(outcomes, 2).unwrap_err();
+        assert_eq!(
+            failure.error.to_string(),
+            "1 of 4 sources succeeded (min_success = 2)"
+        );
+        assert_eq!(failure.error.code(), Code::NotFound);
+        assert_eq!(failure.finished.len(), 4);
+    }
+
+    #[test]
+    fn min_success_is_capped_at_the_number_of_sources() {
+        let outcomes = vec![outcome("a", Ok(serde_json::Value::Null))];
+        assert!(judge(outcomes, 3).is_ok());
+        let none = vec![outcome("a", failed(Code::Unavailable))];
+        assert!(judge(none, 0).is_ok(), "min_success = 0 never fails");
+    }
 }

@@ -33,6 +33,7 @@ struct Aggregation {
     name: Arc<str>,
     members: Vec<(Arc<Source>, bool)>,
     mode: Mode,
+    min_success: usize,
     timeout: Duration,
 }
 
@@ -70,6 +71,7 @@ impl Gateway {
                     name: a.name.clone(),
                     members,
                     mode: a.mode,
+                    min_success: a.min_success,
                     timeout: a.timeout,
                 };
                 (a.name.clone(), agg)
@@ -118,7 +120,12 @@ impl Gateway {
             None => None,
         };
         let mut log = CallLog::new(&agg.name, &selected);
-        let result = fanout::run(dispatch, call.mode.unwrap_or(agg.mode), deadline).await;
+        let policy = fanout::Policy {
+            mode: call.mode.unwrap_or(agg.mode),
+            min_success: agg.min_success,
+            deadline,
+        };
+        let result = fanout::run(dispatch, policy).await;
         log.finish(&result);
         result.map_err(|f| f.error)
     }

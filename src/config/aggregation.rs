@@ -17,6 +17,8 @@ pub(super) struct AggregationModel {
     pub(super) mode: Mode,
     #[serde(default = "default_aggregation_timeout", with = "humantime_serde")]
     pub(super) timeout: Duration,
+    #[serde(default = "default_min_success")]
+    pub(super) min_success: usize,
 }
 
 /// How failures of sources affect a call.
@@ -38,10 +40,17 @@ pub struct AggregationSpec {
     pub mode: Mode,
     /// Cap on the whole call; a shorter caller deadline wins.
     pub timeout: Duration,
+    /// Sources of a call that must succeed (capped at the call's number of
+    /// sources), or the call fails.
+    pub min_success: usize,
 }
 
 fn default_aggregation_timeout() -> Duration {
     Duration::from_secs(10)
+}
+
+fn default_min_success() -> usize {
+    1
 }
 
 impl Validator<'_> {
@@ -92,11 +101,22 @@ impl Validator<'_> {
         if model.timeout.is_zero() {
             return Err(self.err(key("timeout"), "must be greater than zero"));
         }
+        if model.min_success > members.len() {
+            return Err(self.err(
+                key("min_success"),
+                format!(
+                    "{} is more than the aggregation's {} sources",
+                    model.min_success,
+                    members.len()
+                ),
+            ));
+        }
         Ok(AggregationSpec {
             name: name.into(),
             members,
             mode: model.mode,
             timeout: model.timeout,
+            min_success: model.min_success,
         })
     }
 }

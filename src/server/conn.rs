@@ -142,6 +142,17 @@ impl ConnIo {
     }
 }
 
+#[cfg(unix)]
+impl std::os::fd::AsFd for ConnIo {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match &self.stream {
+            Some(stream) => stream.as_fd(),
+            // Taken only on drop, when nobody can borrow it any more.
+            None => unreachable!("a ConnIo's stream is taken only when it is dropped"),
+        }
+    }
+}
+
 impl AsyncRead for ConnIo {
     fn poll_read(
         self: Pin<&mut Self>,

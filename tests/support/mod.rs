@@ -48,6 +48,8 @@ pub struct Log {
     requests: Arc<Mutex<Vec<Seen>>>,
     /// Every HTTP path a gRPC upstream was asked for, reflection included.
     paths: Arc<Mutex<Vec<String>>>,
+    /// The open connections of an HTTP upstream.
+    sockets: Arc<Mutex<Vec<Arc<ConnEntry>>>>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -120,23 +122,65 @@ impl Log {
 }
 
 impl Log {
-    /// Counts a connection open until the guard is dropped.
-    fn connection(&self) -> OpenConnection {
+    /// Counts a connection open until the guard is dropped, or until its
+    /// socket shows the peer closed it: at each new connection, every open
+    /// one is checked for an end of stream first, so a connection the
+    /// client closed before it opened the next never counts as open
+    /// together with it (whatever order the runtime polls them in).
+    fn connection(&self, io: &aggregator::server::conn::ConnIo) -> OpenConnection {
+        use std::os::fd::AsFd;
+        let socket = std::net::TcpStream::from(io.as_fd().try_clone_to_owned().unwrap());
+        let entry = Arc::new(ConnEntry {
+            socket,
+            counted: std::sync::atomic::AtomicBool::new(true),
+        });
+        let mut open = self.sockets.lock().unwrap();
+        open.retain(|e| {
+            let closed = matches!(e.socket.peek(&mut [0u8; 1]), Ok(0));
+            if closed {
+                e.uncount(self);
+            }
+            !closed && e.counted.load(std::sync::atomic::Ordering::Relaxed)
+        });
+        open.push(entry.clone());
         self.stats.send_modify(|s| {
             s.connections += 1;
             s.connections_accepted += 1;
             s.peak_connections = s.peak_connections.max(s.connections);
         });
-        OpenConnection(self.clone())
+        OpenConnection(self.clone(), entry)
+    }
+}
+
+/// A connection's socket (a duplicate, to peek at), counted open until
+/// closed.
+struct ConnEntry {
+    socket: std::net::TcpStream,
+    counted: std::sync::atomic::AtomicBool,
+}
+
+impl ConnEntry {
+    fn uncount(&self, log: &Log) {
+        if self
+            .counted
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            log.stats.send_modify(|s| s.connections -= 1);
+        }
     }
 }
 
 /// One open connection of an upstream, until dropped.
-struct OpenConnection(Log);
+struct OpenConnection(Log, Arc<ConnEntry>);
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        self.0.stats.send_modify(|s| s.connections -= 1);
+        self.1.uncount(&self.0);
+        self.0
+            .sockets
+            .lock()
+            .unwrap()
+            .retain(|e| !Arc::ptr_eq(e, &self.1));
     }
 }
 
@@ -449,7 +493,7 @@ impl HttpUpstream {
                 move |io, _| {
                     let service = PerConnection {
                         inner: service.clone(),
-                        _open: Arc::new(conn_log.connection()),
+                        _open: Arc::new(conn_log.connection(&io)),
                     };
                     server
                         .serve_connection(TokioIo::new(io), service)
