@@ -235,7 +235,7 @@ impl<'a> CallLog<'a> {
             Err(f) => tracing::warn!(
                 aggregation = self.aggregation,
                 outcome = "failed",
-                code = code_name(f.error.code()),
+                code = %code_name(f.error.code()),
                 error = %f.error,
                 elapsed_ms,
                 sources = %Summary(&self.sources, &f.finished),

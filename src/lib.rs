@@ -8,17 +8,24 @@
 //!   templates are compiled there, once.
 //! - [`template`]: `{param}` placeholders and their context-aware escaping.
 //! - [`server`]: `run(listener, config, shutdown)`: the gRPC server with
-//!   health, reflection and graceful shutdown.
+//!   health, reflection and graceful shutdown, and the layer order, socket
+//!   in: connections (cap, timeouts, lingering close), requests per
+//!   connection (idle, rapid resets), each stream's send bound, the gRPC
+//!   edge (content type, deadline, reading the request within its limits).
 //! - [`health`]: `grpc.health.v1` statuses, per aggregation from breakers.
 //! - [`api`]: the `Aggregate` / `FetchAll` handlers, protobuf <-> domain.
 //! - [`gateway`]: resolves an aggregation, checks params, computes the deadline.
 //! - [`deadline`]: the deadline as a value, and `grpc-timeout` parsing.
-//! - [`fanout`]: concurrent dispatch; fail-fast vs best-effort.
+//! - [`fanout`]: concurrent dispatch; fail-fast vs best-effort; `min_success`.
 //! - [`resilience`]: one state machine per file: bulkheads, retries,
 //!   coalescing, circuit breakers, hedging.
 //! - [`metrics`]: Prometheus metrics of the resilience mechanisms.
-//! - [`upstream`]: one source's client: gRPC (dynamic messages, reflection) or HTTP.
-//! - [`error`]: typed errors and the one mapping to `tonic::Status`.
+//! - [`upstream`]: one source's client: gRPC (dynamic messages, reflection
+//!   lookups shared and backed off) or HTTP (a capped pool per source).
+//! - [`error`]: typed errors and the one mapping to `tonic::Status`, bounded
+//!   in size; canonical code names and the ranking `min_success` uses.
+//! - [`telemetry`]: logs, text or JSON, with what callers and upstreams sent
+//!   escaped.
 //! - [`demo`]: the built-in demo upstreams.
 //! - [`pb`]: generated protobuf code.
 

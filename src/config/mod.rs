@@ -2,9 +2,9 @@
 //! validation into runtime specs. Templates are compiled and descriptor files
 //! loaded here, once; nothing is parsed per request.
 //!
-//! One file per table: [`server`], [`defaults`], [`source`] (with the kinds
-//! in [`grpc`] and [`http`], and the resilience keys in [`resilience`]),
-//! [`aggregation`]. Each adds its part of the [`Validator`].
+//! One file per table: `server.rs`, `defaults.rs`, `source.rs` (with the
+//! kinds in `grpc.rs` and `http.rs`, and the resilience keys in
+//! `resilience.rs`), `aggregation.rs`. Each adds its part of the `Validator`.
 
 mod aggregation;
 mod defaults;

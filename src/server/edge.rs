@@ -258,7 +258,7 @@ fn declared_length(chunks: &[Bytes]) -> u64 {
     ]))
 }
 
-/// Hands the answer to hyper in pieces of at most [`CHUNK`] bytes, so that
+/// Hands the answer to hyper in pieces of at most 16 KiB, so that
 /// it sits here, not in h2's send queue, while the client's window is shut;
 /// the stream then stays open and can be reset when its time is up.
 pub struct Rechunk<B> {

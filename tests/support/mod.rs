@@ -732,7 +732,23 @@ impl Process {
         Self::spawn(command, dir).await
     }
 
-    /// Runs the binary with exactly `args` (no config written).
+    /// Starts the binary with exactly `args` (no config written), waiting
+    /// for it to be ready.
+    pub async fn start_with_args(args: &[&str]) -> Self {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_aggregator"));
+        command.args(args);
+        Self::spawn(command, TempDir::new()).await
+    }
+
+    /// Writes `toml` to a file; its path, and the directory that holds it.
+    pub fn config_file(toml: &str) -> (std::path::PathBuf, TempDir) {
+        let dir = TempDir::new();
+        let path = dir.0.join("gateway.toml");
+        std::fs::write(&path, toml).unwrap();
+        (path, dir)
+    }
+
+    /// Runs the binary with exactly `args` (no config written) to its end.
     pub async fn run(args: &[&str]) -> std::process::Output {
         tokio::process::Command::new(env!("CARGO_BIN_EXE_aggregator"))
             .args(args)
@@ -772,10 +788,12 @@ impl Process {
             .wait_for_line(Duration::from_secs(60), |l| l.contains("aggregator ready"))
             .await
             .unwrap_or_else(|| panic!("the gateway never got ready:\n{}", process.stderr()));
+        // `addr=...` in text, `"addr":"..."` in JSON.
         let addr = ready
             .split_whitespace()
             .find_map(|w| w.strip_prefix("addr="))
-            .unwrap_or_else(|| panic!("no addr= in {ready:?}"));
+            .or_else(|| ready.split("\"addr\":\"").nth(1)?.split('"').next())
+            .unwrap_or_else(|| panic!("no addr in {ready:?}"));
         process.addr = addr.parse().unwrap();
         process
     }

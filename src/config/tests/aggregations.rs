@@ -76,3 +76,13 @@ fn zero_response_cap_is_refused() {
         "greater than zero",
     );
 }
+
+#[test]
+fn min_success_defaults_to_one_and_cannot_exceed_the_sources() {
+    let text = format!("{HTTP_SOURCE}[aggregations.a]\nsources = [\"p\"]\n");
+    assert_eq!(parse(&text).unwrap().aggregations[0].min_success, 1);
+    let text = format!("{HTTP_SOURCE}[aggregations.a]\nsources = [\"p\"]\nmin_success = 0\n");
+    assert_eq!(parse(&text).unwrap().aggregations[0].min_success, 0);
+    let text = format!("{HTTP_SOURCE}[aggregations.a]\nsources = [\"p\"]\nmin_success = 2\n");
+    assert_invalid(parse(&text), "aggregations.a.min_success", "more than");
+}

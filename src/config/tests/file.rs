@@ -224,3 +224,56 @@ fn missing_address_is_refused() {
         "missing",
     );
 }
+
+#[test]
+fn server_limits_have_defaults_and_refuse_zero() {
+    let server = parse("").unwrap().server;
+    assert_eq!(server.max_connections, 10_000);
+    assert_eq!(server.handshake_timeout, Duration::from_secs(10));
+    assert_eq!(server.idle_timeout, Duration::from_secs(300));
+    assert_eq!(server.max_request_bytes, 4 << 20);
+    assert_eq!(server.send_timeout, Duration::from_secs(5));
+    for key in [
+        "max_connections = 0",
+        "idle_timeout = \"0s\"",
+        "send_timeout = \"0s\"",
+        "max_request_bytes = 0",
+        "max_reset_burst = 0",
+    ] {
+        let field = key.split(' ').next().unwrap();
+        assert_invalid(
+            parse(&format!("[server]\n{key}\n")),
+            &format!("server.{field}"),
+            "greater than zero",
+        );
+    }
+}
+
+#[test]
+fn http_pools_take_defaults_and_grpc_sources_refuse_them() {
+    let config = parse(HTTP_SOURCE).unwrap();
+    let SourceKind::Http(http) = &config.sources[0].kind else {
+        panic!("an HTTP source");
+    };
+    assert_eq!(http.pool.max_connections, DEFAULT_MAX_CONNECTIONS);
+    assert_eq!(http.pool.max_idle, DEFAULT_MAX_CONNECTIONS);
+    assert_eq!(http.pool.idle_timeout, DEFAULT_POOL_IDLE_TIMEOUT);
+    let text = format!("[defaults]\nmax_connections = 8\n{HTTP_SOURCE}pool_max_idle = 2\n");
+    let config = parse(&text).unwrap();
+    let SourceKind::Http(http) = &config.sources[0].kind else {
+        panic!("an HTTP source");
+    };
+    assert_eq!((http.pool.max_connections, http.pool.max_idle), (8, 2));
+    assert_invalid(
+        parse(&format!(
+            "{HTTP_SOURCE}max_connections = 2\npool_max_idle = 3\n"
+        )),
+        "sources.p.pool_max_idle",
+        "must not exceed",
+    );
+    assert_invalid(
+        parse(&grpc_source("max_connections = 2")),
+        "sources.p.max_connections",
+        "not a key of grpc sources",
+    );
+}
