@@ -414,7 +414,7 @@ def machine():
 
 
 # Calls per round below which a p99 is not reported (see overhead_rounds).
-MIN_P99_CALLS = 1000
+MIN_P99_CALLS = 500
 
 
 def p99_text(o):

@@ -9,14 +9,23 @@
 //! stream (RST_STREAM CANCEL) and frees what it had queued. Answers are
 //! handed to h2 in small chunks ([`super::edge::Rechunk`]), so the stream is
 //! still open, and resettable, while its data waits for the window.
+//!
+//! Until an answer is ready a stream costs a cell in its task; the timer is
+//! made only then.
 
-use std::{future::Future, time::Duration};
+use std::{
+    cell::Cell,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
 
-use tokio::{sync::watch, time::Instant};
+use tokio::time::{Instant, Sleep};
 
 tokio::task_local! {
     /// When the current stream must have sent its answer, once known.
-    static BOUND: watch::Sender<Option<Instant>>;
+    static BOUND: Cell<Option<Instant>>;
 }
 
 /// Runs each HTTP/2 stream as a task, dropped if its answer is not sent in time.
@@ -28,33 +37,43 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     fn execute(&self, stream: F) {
-        let (bound, mut expires) = watch::channel(None);
-        tokio::spawn(BOUND.scope(bound, async move {
-            tokio::select! {
-                biased;
-                () = stream => {}
-                () = expiry(&mut expires) => {
-                    tracing::debug!("the client did not take its answer in time: stream reset");
-                }
-            }
-        }));
+        let bounded = Bounded {
+            stream,
+            timer: None,
+        };
+        tokio::spawn(BOUND.scope(Cell::new(None), bounded));
     }
 }
 
-async fn expiry(bound: &mut watch::Receiver<Option<Instant>>) {
-    loop {
-        let at = *bound.borrow_and_update();
-        let changed = async {
-            if bound.changed().await.is_err() {
-                std::future::pending::<()>().await;
+pin_project_lite::pin_project! {
+    /// A stream's task: done when the stream is, or when its bound passes.
+    struct Bounded<F> {
+        #[pin]
+        stream: F,
+        timer: Option<Pin<Box<Sleep>>>,
+    }
+}
+
+impl<F: Future<Output = ()>> Future for Bounded<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        if this.stream.poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        if this.timer.is_none() {
+            match BOUND.try_with(Cell::get).ok().flatten() {
+                Some(at) => *this.timer = Some(Box::pin(tokio::time::sleep_until(at))),
+                None => return Poll::Pending,
             }
-        };
-        match at {
-            Some(at) => tokio::select! {
-                () = tokio::time::sleep_until(at) => return,
-                () = changed => {}
-            },
-            None => changed.await,
+        }
+        match this.timer.as_mut().map(|t| t.as_mut().poll(cx)) {
+            Some(Poll::Ready(())) => {
+                tracing::debug!("the client did not take its answer in time: stream reset");
+                Poll::Ready(())
+            }
+            _ => Poll::Pending,
         }
     }
 }
@@ -62,5 +81,5 @@ async fn expiry(bound: &mut watch::Receiver<Option<Instant>>) {
 /// From now, the current stream has `timeout` to send its answer. Outside a
 /// stream run by [`StreamExecutor`] (HTTP/1, tests), nothing happens.
 pub fn answer_within(timeout: Duration) {
-    let _ = BOUND.try_with(|bound| bound.send_replace(Some(Instant::now() + timeout)));
+    let _ = BOUND.try_with(|bound| bound.set(Some(Instant::now() + timeout)));
 }
