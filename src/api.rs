@@ -15,6 +15,7 @@ use crate::{
         self as pb, AggregateRequest, AggregateResponse, FetchAllRequest, FetchAllResponse,
         SourceResult,
     },
+    request_id,
 };
 
 pub struct AggregatorApi {
@@ -27,10 +28,68 @@ impl AggregatorApi {
     }
 }
 
-/// The caller's deadline, stamped on arrival by the server's edge layer.
-fn caller_deadline<T>(request: &Request<T>) -> Option<Deadline> {
-    request.extensions().get::<Deadline>().copied()
+/// What a call brings besides its message: the deadline the server's edge
+/// stamped on arrival, the caller's metadata and the call's request id.
+struct Caller {
+    deadline: Option<Deadline>,
+    metadata: http::HeaderMap,
+    request_id: http::HeaderValue,
 }
+
+impl Caller {
+    fn from<T>(request: Request<T>) -> (Self, T) {
+        let (metadata, extensions, message) = request.into_parts();
+        let mut metadata = metadata.into_headers();
+        let request_id = request_id::take(&mut metadata);
+        let caller = Self {
+            deadline: extensions.get::<Deadline>().copied(),
+            metadata,
+            request_id,
+        };
+        (caller, message)
+    }
+
+    fn call<'a>(
+        &'a self,
+        aggregation: &'a str,
+        params: &'a crate::template::Params,
+        sources: &'a [String],
+        mode: Option<Mode>,
+    ) -> Call<'a> {
+        Call {
+            aggregation,
+            params,
+            metadata: &self.metadata,
+            // Visible ASCII by construction.
+            request_id: self.request_id.to_str().unwrap_or_default(),
+            sources,
+            mode,
+            deadline: self.deadline,
+        }
+    }
+
+    /// The answer, success or failure, carrying the request id back.
+    fn answer<T>(&self, result: Result<T, Status>) -> Result<Response<T>, Status> {
+        let id = tonic::metadata::MetadataValue::try_from(self.request_id.as_bytes()).ok();
+        match result {
+            Ok(message) => {
+                let mut response = Response::new(message);
+                if let Some(id) = id {
+                    response.metadata_mut().insert(X_REQUEST_ID, id);
+                }
+                Ok(response)
+            }
+            Err(mut status) => {
+                if let Some(id) = id {
+                    status.metadata_mut().insert(X_REQUEST_ID, id);
+                }
+                Err(status)
+            }
+        }
+    }
+}
+
+const X_REQUEST_ID: &str = "x-request-id";
 
 #[tonic::async_trait]
 impl pb::aggregator_server::Aggregator for AggregatorApi {
@@ -38,62 +97,44 @@ impl pb::aggregator_server::Aggregator for AggregatorApi {
         &self,
         request: Request<AggregateRequest>,
     ) -> Result<Response<AggregateResponse>, Status> {
-        let deadline = caller_deadline(&request);
-        let req = request.into_inner();
-        let outcomes = self
-            .gateway
-            .call(Call {
-                aggregation: &req.aggregation,
-                params: &req.params,
-                sources: &[],
-                mode: None,
-                deadline,
-            })
-            .await
-            .map_err(|e| e.to_status())?;
-        Ok(Response::new(merge(outcomes)))
+        let (caller, req) = Caller::from(request);
+        let call = caller.call(&req.aggregation, &req.params, &[], None);
+        let result = self.gateway.call(call).await;
+        caller.answer(result.map(merge).map_err(|e| e.to_status()))
     }
 
     async fn fetch_all(
         &self,
         request: Request<FetchAllRequest>,
     ) -> Result<Response<FetchAllResponse>, Status> {
-        let deadline = caller_deadline(&request);
-        let req = request.into_inner();
+        let (caller, req) = Caller::from(request);
         let mode = match pb::Mode::try_from(req.mode) {
             Ok(pb::Mode::Unspecified) => None,
             Ok(pb::Mode::FailFast) => Some(Mode::FailFast),
             Ok(pb::Mode::BestEffort) => Some(Mode::BestEffort),
             Err(_) => {
-                return Err(Status::invalid_argument(format!(
+                return caller.answer(Err(Status::invalid_argument(format!(
                     "unknown mode {}: expected MODE_UNSPECIFIED, MODE_FAIL_FAST or MODE_BEST_EFFORT",
                     req.mode
-                )));
+                ))));
             }
         };
-        let outcomes = self
-            .gateway
-            .call(Call {
-                aggregation: &req.aggregation,
-                params: &req.params,
-                sources: &req.sources,
-                mode,
-                deadline,
-            })
-            .await
-            .map_err(|e| e.to_status())?;
-        let results: Vec<SourceResult> = outcomes
-            .into_iter()
-            .map(|o| {
-                let (mut result, value) = source_result(o);
-                result.data = value;
-                result
-            })
-            .collect();
-        Ok(Response::new(FetchAllResponse {
-            complete: results.iter().all(|r| r.code == 0),
-            results,
-        }))
+        let call = caller.call(&req.aggregation, &req.params, &req.sources, mode);
+        let result = self.gateway.call(call).await.map(|outcomes| {
+            let results: Vec<SourceResult> = outcomes
+                .into_iter()
+                .map(|o| {
+                    let (mut result, value) = source_result(o);
+                    result.data = value;
+                    result
+                })
+                .collect();
+            FetchAllResponse {
+                complete: results.iter().all(|r| r.code == 0),
+                results,
+            }
+        });
+        caller.answer(result.map_err(|e| e.to_status()))
     }
 }
 

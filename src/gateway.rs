@@ -11,7 +11,7 @@ use crate::{
     error::{Error, code_name},
     fanout::{self, Outcome},
     resilience::bulkhead::Bulkhead,
-    template::{Params, RenderError},
+    template::{Inputs, Params, RenderError},
     upstream::Source,
 };
 
@@ -41,6 +41,9 @@ struct Aggregation {
 pub struct Call<'a> {
     pub aggregation: &'a str,
     pub params: &'a Params,
+    /// The caller's metadata (request headers), its request id included.
+    pub metadata: &'a http::HeaderMap,
+    pub request_id: &'a str,
     /// A subset of the aggregation's sources; empty means all.
     pub sources: &'a [String],
     /// Overrides the aggregation's configured mode.
@@ -100,9 +103,10 @@ impl Gateway {
             .ok_or_else(|| Error::UnknownAggregation(shown(call.aggregation)))?;
         let selected = agg.select(call.sources)?;
         let mut dispatch = Vec::with_capacity(selected.len());
+        let inputs = Inputs::new(call.params, call.metadata);
         for (source, optional) in &selected {
             check_params(source, call.params)?;
-            dispatch.push((source, *optional, source.prepare(call.params)?));
+            dispatch.push((source, *optional, source.prepare(&inputs)?));
         }
         let deadline = match call.deadline {
             Some(d) => d.cap(agg.timeout),
@@ -119,7 +123,7 @@ impl Gateway {
             })?),
             None => None,
         };
-        let mut log = CallLog::new(&agg.name, &selected);
+        let mut log = CallLog::new(&agg.name, call.request_id, &selected);
         let policy = fanout::Policy {
             mode: call.mode.unwrap_or(agg.mode),
             min_success: agg.min_success,
@@ -203,15 +207,17 @@ fn check_params(source: &Source, params: &Params) -> Result<(), RenderError> {
 /// caller cancelled or disconnected) is logged as cancelled.
 struct CallLog<'a> {
     aggregation: &'a str,
+    request_id: &'a str,
     sources: Vec<Arc<str>>,
     started: Instant,
     done: bool,
 }
 
 impl<'a> CallLog<'a> {
-    fn new(aggregation: &'a str, selected: &[(Arc<Source>, bool)]) -> Self {
+    fn new(aggregation: &'a str, request_id: &'a str, selected: &[(Arc<Source>, bool)]) -> Self {
         Self {
             aggregation,
+            request_id,
             sources: selected.iter().map(|(s, _)| s.name().clone()).collect(),
             started: Instant::now(),
             done: false,
@@ -226,6 +232,7 @@ impl<'a> CallLog<'a> {
                 let complete = outcomes.iter().all(|o| o.result.is_ok());
                 tracing::info!(
                     aggregation = self.aggregation,
+                    request_id = self.request_id,
                     outcome = if complete { "complete" } else { "partial" },
                     elapsed_ms,
                     sources = %Summary(&self.sources, outcomes),
@@ -234,6 +241,7 @@ impl<'a> CallLog<'a> {
             }
             Err(f) => tracing::warn!(
                 aggregation = self.aggregation,
+                request_id = self.request_id,
                 outcome = "failed",
                 code = %code_name(f.error.code()),
                 error = %f.error,
@@ -250,6 +258,7 @@ impl Drop for CallLog<'_> {
         if !self.done {
             tracing::info!(
                 aggregation = self.aggregation,
+                request_id = self.request_id,
                 outcome = "cancelled",
                 elapsed_ms = ms(self.started.elapsed()),
                 "aggregation cancelled by the caller"

@@ -16,6 +16,7 @@
 //! - [`api`]: the `Aggregate` / `FetchAll` handlers, protobuf <-> domain.
 //! - [`gateway`]: resolves an aggregation, checks params, computes the deadline.
 //! - [`deadline`]: the deadline as a value, and `grpc-timeout` parsing.
+//! - [`request_id`]: every call's id, the caller's or a new one.
 //! - [`fanout`]: concurrent dispatch; fail-fast vs best-effort; `min_success`.
 //! - [`resilience`]: one state machine per file: bulkheads, retries,
 //!   coalescing, circuit breakers, hedging.
@@ -39,6 +40,7 @@ pub mod gateway;
 pub mod health;
 pub mod metrics;
 pub mod pb;
+pub mod request_id;
 pub mod resilience;
 pub mod server;
 pub mod telemetry;

@@ -3,11 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
-use http::{Uri, uri::PathAndQuery};
+use http::{HeaderName, Uri, uri::PathAndQuery};
 
 use super::{ConfigError, Validator, source::SourceModel, toml_to_json};
 use crate::{
-    template::{JsonTemplate, TemplateError},
+    template::{JsonTemplate, StrTemplate, TemplateError},
     upstream::schema::{self, MethodSchema},
 };
 
@@ -20,6 +20,8 @@ pub struct GrpcSpec {
     /// `/service/method`, the HTTP/2 path of the call.
     pub path: PathAndQuery,
     pub request: JsonTemplate,
+    /// `metadata = { ... }`: metadata sent with every request.
+    pub metadata: Vec<(HeaderName, StrTemplate)>,
     /// Known at load when `protos` or `descriptor_set` is given; else learned
     /// from the upstream's reflection on first use.
     pub schema: Option<MethodSchema>,
@@ -62,12 +64,14 @@ impl Validator<'_> {
             })
             .transpose()
             .map_err(|m: String| self.err(key("method"), m))?;
+        let metadata = self.header_templates(&key("metadata"), model.metadata.as_ref(), true)?;
         Ok(GrpcSpec {
             endpoint,
             service: service.to_owned(),
             method: method.to_owned(),
             path,
             request,
+            metadata,
             schema,
         })
     }

@@ -50,22 +50,7 @@ impl Validator<'_> {
                 ));
             }
         };
-        let headers = model
-            .headers
-            .iter()
-            .flatten()
-            .map(|(k, v)| {
-                let hkey = key(&format!("headers.{k}"));
-                let name = HeaderName::try_from(k.as_str())
-                    .map_err(|_| self.err(&hkey, "not a valid header name"))?;
-                let value = StrTemplate::parse(v).map_err(|e| self.err(&hkey, e.to_string()))?;
-                // Literal text must already be a valid header value.
-                let probe = value.params().map(|p| (p.to_string(), String::new()));
-                crate::template::render_header(&value, &probe.collect())
-                    .map_err(|_| self.err(&hkey, "not a valid header value"))?;
-                Ok((name, value))
-            })
-            .collect::<Result<_, ConfigError>>()?;
+        let headers = self.header_templates(&key("headers"), model.headers.as_ref(), false)?;
         let body = model
             .body
             .as_ref()

@@ -10,6 +10,7 @@ mod aggregation;
 mod defaults;
 mod grpc;
 mod http;
+mod metadata;
 mod resilience;
 mod server;
 mod source;

@@ -3,6 +3,8 @@
 
 use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
 
+use http::HeaderName;
+
 use serde::Deserialize;
 
 use super::{
@@ -53,6 +55,10 @@ pub(super) struct SourceModel {
     pub(super) url: Option<String>,
     pub(super) headers: Option<BTreeMap<String, String>>,
     pub(super) body: Option<toml::Value>,
+    pub(super) forward_metadata: Option<Vec<String>>,
+    // gRPC only
+    pub(super) metadata: Option<BTreeMap<String, String>>,
+    // HTTP only
     pub(super) max_connections: Option<usize>,
     pub(super) pool_max_idle: Option<usize>,
     #[serde(default, with = "humantime_serde")]
@@ -79,6 +85,7 @@ impl SourceModel {
                 .or(set(self.pool_max_idle.is_some(), "pool_max_idle"))
                 .or(set(self.pool_idle_timeout.is_some(), "pool_idle_timeout")),
             SourceKindModel::Http => set(self.endpoint.is_some(), "endpoint")
+                .or(set(self.metadata.is_some(), "metadata"))
                 .or(set(self.request.is_some(), "request"))
                 .or(set(self.protos.is_some(), "protos"))
                 .or(set(self.import_paths.is_some(), "import_paths"))
@@ -107,6 +114,8 @@ pub struct SourceSpec {
     pub health_check: Option<HealthCheckSpec>,
     /// Hedged requests; only ever set on a source that is safe to repeat.
     pub hedge: Option<HedgeSpec>,
+    /// Caller metadata copied into every request (lower-case names).
+    pub forward_metadata: Vec<HeaderName>,
     pub kind: SourceKind,
 }
 
@@ -122,7 +131,11 @@ impl SourceSpec {
     /// The placeholder names this source's requests need, deduplicated.
     pub fn params(&self) -> Vec<Arc<str>> {
         let all: Vec<&Arc<str>> = match &self.kind {
-            SourceKind::Grpc(g) => g.request.params().collect(),
+            SourceKind::Grpc(g) => g
+                .request
+                .params()
+                .chain(g.metadata.iter().flat_map(|(_, t)| t.params()))
+                .collect(),
             SourceKind::Http(h) => h
                 .url
                 .params()
@@ -177,6 +190,8 @@ impl Validator<'_> {
             Some(own) => own,
             None => self.defaults.coalesce.unwrap_or(true) && read,
         };
+        let forward_metadata =
+            self.forward_metadata(&name, &model, model.kind == SourceKindModel::Http)?;
         let fallback = model
             .fallback
             .as_ref()
@@ -204,6 +219,7 @@ impl Validator<'_> {
             breaker,
             health_check,
             hedge,
+            forward_metadata,
             kind,
         })
     }

@@ -55,9 +55,10 @@ impl Error {
             Self::UnknownSource { source_name, .. } => {
                 vec![info("UNKNOWN_SOURCE", [("source", source_name.clone())])]
             }
-            Self::Param(RenderError::Missing(name)) => {
-                vec![info("MISSING_PARAMETER", [("parameter", name.to_string())])]
-            }
+            Self::Param(RenderError::Missing(name)) => match name.strip_prefix('@') {
+                Some(meta) => vec![info("MISSING_METADATA", [("metadata", meta.to_owned())])],
+                None => vec![info("MISSING_PARAMETER", [("parameter", name.to_string())])],
+            },
             Self::Param(RenderError::Invalid { name, .. }) => {
                 vec![info("INVALID_PARAMETER", [("parameter", name.to_string())])]
             }

@@ -96,8 +96,47 @@ fn json_values_become_strings_never_raw_json() {
 fn header_values_refuse_control_characters() {
     let t = StrTemplate::parse("Bearer {token}").unwrap();
     assert_eq!(
-        render_header(&t, &params(&[("token", "abc")])).unwrap(),
+        render_header(&t, &Inputs::params(&params(&[("token", "abc")]))).unwrap(),
         "Bearer abc"
     );
-    assert!(render_header(&t, &params(&[("token", "a\r\nX-Admin: 1")])).is_err());
+    assert!(
+        render_header(
+            &t,
+            &Inputs::params(&params(&[("token", "a\r\nX-Admin: 1")]))
+        )
+        .is_err()
+    );
+}
+
+#[test]
+fn metadata_placeholders_read_the_callers_metadata() {
+    let t = StrTemplate::parse("Bearer {@x-token} for {user}").unwrap();
+    let names: Vec<_> = t.metadata().map(|n| n.as_str()).collect();
+    assert_eq!(names, ["x-token"]);
+    assert_eq!(t.params().count(), 1);
+    let mut metadata = http::HeaderMap::new();
+    metadata.insert("x-token", http::HeaderValue::from_static("s3cret"));
+    let p = params(&[("user", "ada")]);
+    let out = render_header(&t, &Inputs::new(&p, &metadata)).unwrap();
+    assert_eq!(out, "Bearer s3cret for ada");
+    let missing = render_header(&t, &Inputs::params(&p)).unwrap_err();
+    assert_eq!(missing.to_string(), "missing metadata 'x-token'");
+    assert!(missing.is_metadata());
+    // In a URL path, escaped like any value.
+    let url = UrlTemplate::parse("http://h:1/t/{@x-tenant}").unwrap();
+    metadata.insert("x-tenant", http::HeaderValue::from_static("a/b"));
+    assert_eq!(
+        url.render_with(&Inputs::new(&p, &metadata)).unwrap(),
+        "http://h:1/t/a%2Fb"
+    );
+}
+
+#[test]
+fn metadata_placeholders_must_name_text_metadata() {
+    for bad in ["{@X-Token}", "{@trace-bin}", "{@}", "{@a b}"] {
+        assert!(
+            matches!(StrTemplate::parse(bad), Err(TemplateError::BadMetadata(_))),
+            "{bad}"
+        );
+    }
 }

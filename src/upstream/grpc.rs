@@ -32,6 +32,8 @@ pub struct GrpcRequest {
     /// The rendered JSON as text: what identical calls have in common.
     pub key: String,
     pub body: GrpcBody,
+    /// Metadata from the source's templates and the caller's forwarded keys.
+    pub metadata: http::HeaderMap,
 }
 
 /// Encoded once the method's schema is known, else JSON until the first call
@@ -127,7 +129,12 @@ impl GrpcUpstream {
             Some(g) => g.path.clone(),
             None => return Err(SourceError::Schema("not a gRPC source".into())),
         };
-        let message = match request.body {
+        let GrpcRequest {
+            body,
+            metadata: request_metadata,
+            ..
+        } = request;
+        let message = match body {
             GrpcBody::Encoded(bytes) => bytes,
             GrpcBody::Json(json) => {
                 schema::encode(&schema.input, json).map_err(|detail| SourceError::Request {
@@ -137,6 +144,7 @@ impl GrpcUpstream {
             }
         };
         let mut request = tonic::Request::new(message);
+        *request.metadata_mut() = tonic::metadata::MetadataMap::from_headers(request_metadata);
         let budget = deadline.remaining();
         request.set_timeout(budget);
         let limit = self.spec.max_response_bytes;

@@ -17,7 +17,7 @@ use crate::{
     config::{HttpSpec, PoolSpec},
     deadline::Deadline,
     error::{Cause, SourceError},
-    template::{Params, RenderError, render_header},
+    template::{Inputs, RenderError, render_header},
 };
 
 /// The longest URL a rendered request may have: far above what real
@@ -85,10 +85,10 @@ static JSON: header::HeaderValue = header::HeaderValue::from_static("application
 
 /// The rendered request; the body stays plain bytes so that the request can
 /// be copied for a retry and keyed for coalescing.
-pub fn prepare(spec: &HttpSpec, params: &Params) -> Result<Request<Bytes>, RenderError> {
-    let uri = spec.url.render(params)?;
+pub fn prepare(spec: &HttpSpec, inputs: &Inputs) -> Result<Request<Bytes>, RenderError> {
+    let uri = spec.url.render_with(inputs)?;
     if uri.len() > MAX_URL_BYTES {
-        let names: Vec<&str> = spec.url.params().map(|p| &**p).collect();
+        let names: Vec<&str> = spec.url.inputs().map(|p| &**p).collect();
         return Err(RenderError::TooLong {
             what: "URL",
             len: uri.len(),
@@ -101,12 +101,12 @@ pub fn prepare(spec: &HttpSpec, params: &Params) -> Result<Request<Bytes>, Rende
         .uri(uri)
         .header(header::ACCEPT, JSON.clone());
     for (name, value) in &spec.headers {
-        builder = builder.header(name, render_header(value, params)?);
+        builder = builder.header(name, render_header(value, inputs)?);
     }
     let body = match &spec.body {
         Some(body) => {
             builder = builder.header(header::CONTENT_TYPE, JSON.clone());
-            Bytes::from(body.render(params)?.to_string())
+            Bytes::from(body.render_with(inputs)?.to_string())
         }
         None => Bytes::new(),
     };

@@ -8,6 +8,7 @@ pub mod grpc;
 pub mod http;
 pub mod lookup;
 pub mod pool;
+pub mod prepared;
 pub mod schema;
 
 use std::{
@@ -17,8 +18,6 @@ use std::{
     },
     time::Duration,
 };
-
-use bytes::Bytes;
 
 use tokio::time::Instant;
 
@@ -33,8 +32,10 @@ use crate::{
         hedge::Hedger,
         retry::{Decision, Retrier},
     },
-    template::{Params, RenderError},
 };
+
+pub use self::prepared::Prepared;
+use self::prepared::Request;
 
 /// A configured source with its live client.
 pub struct Source {
@@ -65,12 +66,6 @@ enum Client {
     Http(Box<http::HttpUpstream>),
 }
 
-/// A rendered request, ready to send.
-pub enum Prepared {
-    Grpc(grpc::GrpcRequest),
-    Http(Box<::http::Request<Bytes>>),
-}
-
 impl Source {
     /// Builds the client; gRPC channels connect lazily, so a down upstream
     /// does not stop the gateway from starting.
@@ -93,32 +88,6 @@ impl Source {
 
     pub fn name(&self) -> &Arc<str> {
         &self.spec.name
-    }
-
-    pub fn prepare(&self, params: &Params) -> Result<Prepared, RenderError> {
-        Ok(match &self.spec.kind {
-            SourceKind::Grpc(g) => {
-                let json = g.request.render(params)?;
-                let schema = match &self.client {
-                    Client::Grpc(c) => c.known_schema(),
-                    Client::Http(_) => None,
-                };
-                // The JSON text is the coalescing key either way, so calls
-                // made before and after the schema is learned still share.
-                let key = json.to_string();
-                let body = match schema {
-                    Some(schema) => grpc::GrpcBody::Encoded(schema::encode_request(
-                        &schema.input,
-                        json,
-                        &g.request,
-                        params,
-                    )?),
-                    None => grpc::GrpcBody::Json(json),
-                };
-                Prepared::Grpc(grpc::GrpcRequest { key, body })
-            }
-            SourceKind::Http(h) => Prepared::Http(Box::new(http::prepare(h, params)?)),
-        })
     }
 
     /// Calls the source, sharing the request with identical calls in flight
@@ -359,56 +328,22 @@ impl Source {
         prepared: Prepared,
         deadline: Deadline,
     ) -> Result<serde_json::Value, SourceError> {
-        match (&self.client, prepared) {
-            (Client::Grpc(g), Prepared::Grpc(json)) => g.call(json, deadline).await,
-            (Client::Http(c), Prepared::Http(req)) => {
-                c.call(*req, deadline, self.spec.max_response_bytes).await
+        let Prepared { request, trace } = prepared;
+        match (&self.client, request) {
+            (Client::Grpc(g), Request::Grpc(mut request)) => {
+                trace.apply(&mut request.metadata);
+                g.call(request, deadline).await
             }
-            _ => unreachable!("prepared by the same source"),
-        }
-    }
-}
-
-impl Prepared {
-    /// The request as bytes, whole: calls with equal keys are identical
-    /// (method, URL or gRPC message, headers, body), so callers with
-    /// different credentials never share.
-    fn key(&self) -> Vec<u8> {
-        match self {
-            Self::Grpc(request) => request.key.as_bytes().to_vec(),
-            Self::Http(request) => {
-                let mut key = Vec::with_capacity(256);
-                for part in [request.method().as_str().as_bytes(), b" "] {
-                    key.extend_from_slice(part);
-                }
-                key.extend_from_slice(request.uri().to_string().as_bytes());
-                for (name, value) in request.headers() {
-                    key.push(b'\n');
-                    key.extend_from_slice(name.as_str().as_bytes());
-                    key.push(b':');
-                    key.extend_from_slice(value.as_bytes());
-                }
-                key.extend_from_slice(b"\n\n");
-                key.extend_from_slice(request.body());
-                key
+            (Client::Http(c), Request::Http(mut request)) => {
+                trace.apply(request.headers_mut());
+                c.call(*request, deadline, self.spec.max_response_bytes)
+                    .await
             }
-        }
-    }
-}
-
-impl Clone for Prepared {
-    /// For a retry; `http::Request` itself is not `Clone` (extensions).
-    fn clone(&self) -> Self {
-        match self {
-            Self::Grpc(json) => Self::Grpc(json.clone()),
-            Self::Http(request) => {
-                let mut copy = ::http::Request::new(request.body().clone());
-                *copy.method_mut() = request.method().clone();
-                *copy.uri_mut() = request.uri().clone();
-                *copy.version_mut() = request.version();
-                *copy.headers_mut() = request.headers().clone();
-                Self::Http(Box::new(copy))
-            }
+            // A source prepares its own requests: a mismatch is a bug, told
+            // as one rather than a panic.
+            _ => Err(SourceError::Schema(
+                "a request prepared for another kind of source".into(),
+            )),
         }
     }
 }

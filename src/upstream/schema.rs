@@ -18,7 +18,7 @@ use tonic_reflection::pb::v1::{
 
 use crate::{
     error::SourceError,
-    template::{JsonTemplate, Params, RenderError},
+    template::{Inputs, JsonTemplate, RenderError},
 };
 
 /// Request and response types of one method.
@@ -100,11 +100,11 @@ pub fn encode_request(
     input: &MessageDescriptor,
     json: serde_json::Value,
     template: &JsonTemplate,
-    params: &Params,
+    inputs: &Inputs,
 ) -> Result<bytes::Bytes, RenderError> {
     encode(input, json).map_err(|detail| {
-        culprit(template, params, input).unwrap_or_else(|| {
-            let names: Vec<&str> = template.params().map(|p| &**p).collect();
+        culprit(template, inputs, input).unwrap_or_else(|| {
+            let names: Vec<&str> = template.inputs().map(|p| &**p).collect();
             RenderError::Mismatch {
                 name: names.join(", ").into(),
                 field: format!("`{}`", input.full_name()),
@@ -117,11 +117,11 @@ pub fn encode_request(
 /// The first templated field whose rendered value alone does not fit.
 fn culprit(
     template: &JsonTemplate,
-    params: &Params,
+    inputs: &Inputs,
     message: &MessageDescriptor,
 ) -> Option<RenderError> {
     for (key, sub) in template.keys()? {
-        if sub.params().next().is_none() {
+        if sub.inputs().next().is_none() {
             continue;
         }
         let Some(field) = message
@@ -132,15 +132,15 @@ fn culprit(
         };
         if let (Kind::Message(inner), Some(_)) = (field.kind(), sub.keys()) {
             if !field.is_list() && !field.is_map() {
-                if let Some(found) = culprit(sub, params, &inner) {
+                if let Some(found) = culprit(sub, inputs, &inner) {
                     return Some(found);
                 }
                 continue;
             }
         }
-        let probe = serde_json::json!({ key: sub.render(params).ok()? });
+        let probe = serde_json::json!({ key: sub.render_with(inputs).ok()? });
         if let Err(e) = DynamicMessage::deserialize(message.clone(), probe) {
-            let mut names: Vec<&str> = sub.params().map(|p| &**p).collect();
+            let mut names: Vec<&str> = sub.inputs().map(|p| &**p).collect();
             names.dedup();
             return Some(RenderError::Mismatch {
                 name: names.join(", ").into(),

@@ -157,3 +157,69 @@ fn non_finite_floats_in_templates_are_refused() {
         "no JSON form",
     );
 }
+
+#[test]
+fn forwarded_metadata_is_named_and_checked() {
+    let config = parse(&format!(
+        "[defaults]\nforward_metadata = [\"Authorization\", \"x-request-id\"]\n{HTTP_SOURCE}"
+    ))
+    .unwrap();
+    let names: Vec<_> = config.sources[0]
+        .forward_metadata
+        .iter()
+        .map(|n| n.as_str())
+        .collect();
+    assert_eq!(names, ["authorization", "x-request-id"]);
+    for reserved in [
+        "te",
+        "Host",
+        ":path",
+        "content-type",
+        "grpc-timeout",
+        "connection",
+    ] {
+        assert_invalid(
+            parse(&http_source(&format!(
+                "forward_metadata = [\"{reserved}\"]"
+            ))),
+            "sources.p.forward_metadata",
+            reserved,
+        );
+    }
+    assert_invalid(
+        parse(&http_source("forward_metadata = [\"trace-bin\"]")),
+        "sources.p.forward_metadata",
+        "-bin",
+    );
+    assert!(parse(&grpc_source("forward_metadata = [\"trace-bin\"]")).is_ok());
+}
+
+#[test]
+fn grpc_metadata_templates_read_params_and_metadata() {
+    let config = parse(&grpc_source(
+        "metadata = { x-tenant = \"{@x-tenant}\", x-user = \"u-{user_id}\" }",
+    ))
+    .unwrap();
+    let SourceKind::Grpc(grpc) = &config.sources[0].kind else {
+        panic!("a gRPC source");
+    };
+    assert_eq!(grpc.metadata.len(), 2);
+    assert_eq!(config.sources[0].params().len(), 1);
+    assert_invalid(
+        parse(&grpc_source("metadata = { x-raw-bin = \"{@x}\" }")),
+        "sources.p.metadata.x-raw-bin",
+        "-bin",
+    );
+    assert_invalid(
+        parse(&http_source("metadata = { x = \"1\" }")),
+        "sources.p.metadata",
+        "not a key of http sources",
+    );
+    assert_invalid(
+        parse(&http_source(
+            "headers = { authorization = \"Bearer {@X-Token}\" }",
+        )),
+        "sources.p.headers.authorization",
+        "metadata",
+    );
+}
