@@ -37,6 +37,14 @@ struct Aggregation {
     timeout: Duration,
 }
 
+/// A source whose client cannot be built (its TLS, for one).
+#[derive(Debug, thiserror::Error)]
+#[error("source '{source_name}': {error}")]
+pub struct GatewayError {
+    pub source_name: Arc<str>,
+    pub error: tonic::transport::Error,
+}
+
 /// One call, as the API layer hands it over.
 pub struct Call<'a> {
     pub aggregation: &'a str,
@@ -55,12 +63,18 @@ pub struct Call<'a> {
 impl Gateway {
     /// Builds one client per source (shared by every aggregation using it).
     /// Must run inside a tokio runtime: gRPC channels spawn their workers.
-    pub fn new(config: &Config) -> Self {
+    pub fn new(config: &Config) -> Result<Self, GatewayError> {
         let sources: HashMap<Arc<str>, Arc<Source>> = config
             .sources
             .iter()
-            .map(|spec| (spec.name.clone(), Arc::new(Source::new(spec.clone()))))
-            .collect();
+            .map(|spec| {
+                let source = Source::new(spec.clone()).map_err(|error| GatewayError {
+                    source_name: spec.name.clone(),
+                    error,
+                })?;
+                Ok((spec.name.clone(), Arc::new(source)))
+            })
+            .collect::<Result<_, GatewayError>>()?;
         let aggregations = config
             .aggregations
             .iter()
@@ -88,12 +102,12 @@ impl Gateway {
                 health_checks.spawn(source.clone().watch_health());
             }
         }
-        Self {
+        Ok(Self {
             aggregations,
             sources: all,
             calls: config.server.max_concurrent_calls.map(Bulkhead::new),
             _health_checks: health_checks,
-        }
+        })
     }
 
     pub async fn call(&self, call: Call<'_>) -> Result<Vec<Outcome>, Error> {

@@ -29,6 +29,7 @@ pub(super) struct DefaultsModel {
     pub breaker: Option<BreakerModel>,
     pub hedge: Option<HedgeModel>,
     pub forward_metadata: Option<Vec<String>>,
+    pub tls: Option<super::tls::UpstreamTlsModel>,
     /// HTTP sources only; gRPC sources have one HTTP/2 connection.
     pub max_connections: Option<usize>,
     pub pool_max_idle: Option<usize>,

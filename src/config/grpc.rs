@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use http::{HeaderName, Uri, uri::PathAndQuery};
 
-use super::{ConfigError, Validator, source::SourceModel, toml_to_json};
+use super::{ConfigError, Validator, source::SourceModel, tls::UpstreamTls, toml_to_json};
 use crate::{
     template::{JsonTemplate, StrTemplate, TemplateError},
     upstream::schema::{self, MethodSchema},
@@ -22,6 +22,8 @@ pub struct GrpcSpec {
     pub request: JsonTemplate,
     /// `metadata = { ... }`: metadata sent with every request.
     pub metadata: Vec<(HeaderName, StrTemplate)>,
+    /// Set for an `https://` endpoint.
+    pub tls: Option<UpstreamTls>,
     /// Known at load when `protos` or `descriptor_set` is given; else learned
     /// from the upstream's reflection on first use.
     pub schema: Option<MethodSchema>,
@@ -33,11 +35,20 @@ impl Validator<'_> {
         let key = |field: &str| format!("sources.{name}.{field}");
         let template_err = |field: &str, e: TemplateError| self.err(key(field), e.to_string());
         let endpoint: Uri = self
-            .required(name, &model.endpoint, "endpoint", "an http://host:port URL")?
+            .required(
+                name,
+                &model.endpoint,
+                "endpoint",
+                "an http(s)://host:port URL",
+            )?
             .parse()
             .ok()
-            .filter(|u: &Uri| u.scheme_str() == Some("http") && u.authority().is_some())
-            .ok_or_else(|| self.err(key("endpoint"), "expected an http://host:port URL"))?;
+            .filter(|u: &Uri| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some()
+            })
+            .ok_or_else(|| self.err(key("endpoint"), "expected an http(s)://host:port URL"))?;
+        let https = endpoint.scheme_str() == Some("https");
+        let tls = self.source_tls(name, model, https)?;
         let method = self.required(name, &model.method, "method", "`package.Service/Method`")?;
         let (service, method) = method
             .split_once('/')
@@ -72,6 +83,7 @@ impl Validator<'_> {
             path,
             request,
             metadata,
+            tls,
             schema,
         })
     }

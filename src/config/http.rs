@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use http::{HeaderName, Method};
 
-use super::{ConfigError, Validator, source::SourceModel, toml_to_json};
+use super::{ConfigError, Validator, source::SourceModel, tls::UpstreamTls, toml_to_json};
 use crate::template::{JsonTemplate, StrTemplate, TemplateError, UrlTemplate};
 
 /// Default cap on one HTTP source's open connections.
@@ -18,6 +18,8 @@ pub struct HttpSpec {
     pub url: UrlTemplate,
     pub headers: Vec<(HeaderName, StrTemplate)>,
     pub body: Option<JsonTemplate>,
+    /// Set for an `https://` URL.
+    pub tls: Option<UpstreamTls>,
     pub pool: PoolSpec,
 }
 
@@ -37,8 +39,9 @@ impl Validator<'_> {
     pub(super) fn http(&self, name: &str, model: &SourceModel) -> Result<HttpSpec, ConfigError> {
         let key = |field: &str| format!("sources.{name}.{field}");
         let template_err = |field: &str, e: TemplateError| self.err(key(field), e.to_string());
-        let url = self.required(name, &model.url, "url", "an http:// URL template")?;
+        let url = self.required(name, &model.url, "url", "an http(s):// URL template")?;
         let url = UrlTemplate::parse(url).map_err(|e| template_err("url", e))?;
+        let tls = self.source_tls(name, model, url.is_https())?;
         let method = match model.method.as_deref().unwrap_or("GET") {
             m @ ("GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE") => {
                 Method::from_bytes(m.as_bytes()).expect("standard method")
@@ -67,6 +70,7 @@ impl Validator<'_> {
             url,
             headers,
             body,
+            tls,
             pool: self.pool(name, model)?,
         })
     }

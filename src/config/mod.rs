@@ -14,6 +14,7 @@ mod metadata;
 mod resilience;
 mod server;
 mod source;
+mod tls;
 
 use std::{collections::BTreeMap, path::Path, sync::Arc};
 
@@ -33,6 +34,7 @@ pub use self::{
     },
     server::{DEFAULT_MAX_RESET_BURST, DEFAULT_MAX_RESETS_PER_SECOND, ServerSpec},
     source::{DEFAULT_MAX_RESPONSE_BYTES, SourceKind, SourceSpec},
+    tls::{ListenerTls, UpstreamTls, provider as tls_provider},
 };
 
 /// A config that cannot be used; names the file, the key and what was expected.

@@ -6,7 +6,11 @@ use std::{net::SocketAddr, time::Duration};
 
 use serde::Deserialize;
 
-use super::{ConfigError, Validator, defaults::Limit};
+use super::{
+    ConfigError, Validator,
+    defaults::Limit,
+    tls::{ListenerTls, ListenerTlsModel},
+};
 
 /// The rapid-reset budget's defaults: ordinary cancellation (10,000 calls
 /// cancelled over 10 s, in bursts) passes; a flood (20,000 HEADERS and
@@ -43,6 +47,7 @@ pub(super) struct ServerModel {
     send_timeout: Duration,
     max_resets_per_second: u32,
     max_reset_burst: u32,
+    tls: Option<ListenerTlsModel>,
 }
 
 impl Default for ServerModel {
@@ -65,6 +70,7 @@ impl Default for ServerModel {
             send_timeout: Duration::from_secs(5),
             max_resets_per_second: DEFAULT_MAX_RESETS_PER_SECOND,
             max_reset_burst: DEFAULT_MAX_RESET_BURST,
+            tls: None,
         }
     }
 }
@@ -104,6 +110,8 @@ pub struct ServerSpec {
     pub max_resets_per_second: u32,
     /// ...and at once, before the connection is cut off.
     pub max_reset_burst: u32,
+    /// TLS on the gRPC listener (mTLS with a client CA); plaintext without.
+    pub tls: Option<ListenerTls>,
 }
 
 impl Validator<'_> {
@@ -157,6 +165,7 @@ impl Validator<'_> {
             send_timeout: model.send_timeout,
             max_resets_per_second: model.max_resets_per_second,
             max_reset_burst: model.max_reset_burst,
+            tls: self.listener_tls(model.tls.as_ref())?,
         })
     }
 }

@@ -56,6 +56,7 @@ pub(super) struct SourceModel {
     pub(super) headers: Option<BTreeMap<String, String>>,
     pub(super) body: Option<toml::Value>,
     pub(super) forward_metadata: Option<Vec<String>>,
+    pub(super) tls: Option<super::tls::UpstreamTlsModel>,
     // gRPC only
     pub(super) metadata: Option<BTreeMap<String, String>>,
     // HTTP only

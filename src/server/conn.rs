@@ -37,7 +37,7 @@ use super::resets::ResetBudget;
 pub const LINGER: Duration = Duration::from_secs(2);
 
 /// What a listener allows each connection. `None` is no limit.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct ConnPolicy {
     /// Connections open at once; more are closed as soon as accepted.
     pub max_connections: Option<usize>,
@@ -52,6 +52,8 @@ pub struct ConnPolicy {
     /// Client resets (calls cancelled before their answer) a connection may
     /// send, as a rate and a burst; beyond it the connection is cut off.
     pub resets: Option<ResetBudget>,
+    /// TLS on every connection, its handshake within `handshake_timeout`.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// One connection's live state, shared by its socket, its requests and the
@@ -212,6 +214,80 @@ impl Drop for ConnIo {
     }
 }
 
+/// A connection's byte stream: plain, or TLS over the counted socket.
+pub enum ConnStream {
+    Plain(ConnIo),
+    Tls(Box<tokio_rustls::server::TlsStream<ConnIo>>),
+}
+
+impl ConnStream {
+    /// The socket underneath.
+    pub fn io(&self) -> &ConnIo {
+        match self {
+            Self::Plain(io) => io,
+            Self::Tls(tls) => tls.get_ref().0,
+        }
+    }
+}
+
+impl AsyncRead for ConnStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(io) => Pin::new(io).poll_read(cx, buf),
+            Self::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ConnStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(io) => Pin::new(io).poll_write(cx, buf),
+            Self::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            Self::Tls(tls) => Pin::new(tls.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Plain(io) => io.is_write_vectored(),
+            Self::Tls(tls) => tls.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(io) => Pin::new(io).poll_flush(cx),
+            Self::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            Self::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 /// Closes the write side, then reads (and discards) until the client
 /// closes too, so that the kernel never resets a connection whose last
 /// answers are still queued.
@@ -231,17 +307,19 @@ async fn linger(mut stream: TcpStream, _permit: Option<OwnedSemaphorePermit>) {
 /// Accepts connections until `shutdown`, serving each with `serve`; then
 /// closes the listener, asks every connection to finish (GOAWAY on HTTP/2)
 /// and waits up to `drain` for them before closing the rest.
-pub async fn accept_loop<C>(
+pub async fn accept_loop<C, F>(
     listener: TcpListener,
     policy: ConnPolicy,
-    mut serve: impl FnMut(ConnIo, Arc<ConnState>) -> C,
+    serve: F,
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) where
+    F: Fn(ConnStream, Arc<ConnState>) -> C + Clone + Send + 'static,
     C: GracefulConnection + Send + 'static,
     C::Error: std::fmt::Debug,
 {
     let slots = policy.max_connections.map(|n| Arc::new(Semaphore::new(n)));
+    let tls = policy.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     let closing = CancellationToken::new();
     let abort = CancellationToken::new();
     let connections = TaskTracker::new();
@@ -284,14 +362,33 @@ pub async fn accept_loop<C>(
             permit,
             lingering: lingering.clone(),
         };
-        let conn = serve(io, state.clone());
-        connections.spawn(drive(
-            conn,
-            state,
-            policy.clone(),
-            closing.clone(),
-            abort.clone(),
-        ));
+        let (serve, tls, policy) = (serve.clone(), tls.clone(), policy.clone());
+        let (closing, abort) = (closing.clone(), abort.clone());
+        connections.spawn(async move {
+            let io = match tls {
+                None => ConnStream::Plain(io),
+                Some(tls) => {
+                    let handshake = tls.accept(io);
+                    let timeout = policy.handshake_timeout.unwrap_or(Duration::MAX);
+                    tokio::select! {
+                        accepted = tokio::time::timeout(timeout, handshake) => match accepted {
+                            Ok(Ok(tls)) => ConnStream::Tls(Box::new(tls)),
+                            Ok(Err(error)) => {
+                                tracing::debug!(%error, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(?timeout, "connection closed: no TLS handshake in time");
+                                return;
+                            }
+                        },
+                        () = closing.cancelled() => return,
+                    }
+                }
+            };
+            let conn = serve(io, state.clone());
+            drive(conn, state, policy, closing, abort).await;
+        });
     }
     drop(listener);
     closing.cancel();

@@ -59,6 +59,8 @@ const H2_HANDSHAKE_BYTES: u64 = 24 + 9;
 pub enum ServeError {
     #[error("building the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error(transparent)]
+    Gateway(#[from] crate::gateway::GatewayError),
 }
 
 /// Serves the gateway on `listener` until `shutdown` completes, then reports
@@ -81,7 +83,7 @@ pub async fn run_with_metrics(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let server = &config.server;
-    let gateway = Arc::new(Gateway::new(&config));
+    let gateway = Arc::new(Gateway::new(&config)?);
     let stop_metrics = CancellationToken::new();
     if let Some(metrics) = metrics {
         tokio::spawn(crate::metrics::serve(
@@ -145,6 +147,7 @@ fn grpc_policy(server: &ServerSpec) -> ConnPolicy {
             per_second: server.max_resets_per_second,
             burst: server.max_reset_burst,
         }),
+        tls: server.tls.as_ref().map(|t| t.config.clone()),
     }
 }
 
@@ -155,6 +158,8 @@ fn metrics_policy(server: &ServerSpec) -> ConnPolicy {
     ConnPolicy {
         handshake_bytes: 1,
         resets: None,
+        // Scrapers speak plain HTTP on the metrics listener.
+        tls: None,
         ..grpc_policy(server)
     }
 }

@@ -61,7 +61,9 @@ fn path_values_stay_inside_their_segment() {
 #[test]
 fn url_host_must_be_literal() {
     assert!(UrlTemplate::parse("http://{host}/x").is_err());
-    assert!(UrlTemplate::parse("https://h/x").is_err());
+    assert!(UrlTemplate::parse("ftp://h/x").is_err());
+    assert!(UrlTemplate::parse("https://{host}/x").is_err());
+    assert!(UrlTemplate::parse("https://h/x").unwrap().is_https());
     assert!(UrlTemplate::parse("http://h/x#frag").is_err());
     assert!(UrlTemplate::parse("http://h/a b").is_err());
     assert_eq!(

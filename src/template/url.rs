@@ -1,4 +1,4 @@
-//! `http://host:port/path?query` templates.
+//! `http(s)://host:port/path?query` templates.
 
 use std::sync::Arc;
 
@@ -27,13 +27,16 @@ pub struct UrlTemplate {
 impl UrlTemplate {
     pub fn parse(text: &str) -> Result<Self, TemplateError> {
         let url_err = |m: &str| TemplateError::Url(format!("`{text}`: {m}"));
-        let after_scheme = text
-            .strip_prefix("http://")
-            .ok_or_else(|| url_err("expected an http:// URL"))?;
+        let scheme_len = ["http://", "https://"]
+            .iter()
+            .find(|s| text.starts_with(*s))
+            .map(|s| s.len())
+            .ok_or_else(|| url_err("expected an http:// or https:// URL"))?;
+        let after_scheme = &text[scheme_len..];
         let authority_len = after_scheme.find(['/', '?']).unwrap_or(after_scheme.len());
         let authority = &after_scheme[..authority_len];
         if authority.is_empty() {
-            return Err(url_err("expected a host after http://"));
+            return Err(url_err("expected a host after the scheme"));
         }
         if authority.contains(['{', '}', '@']) {
             return Err(url_err(
@@ -50,7 +53,7 @@ impl UrlTemplate {
         };
         let path = if path.is_empty() { "/" } else { path };
         let template = Self {
-            origin: text[..7 + authority_len].into(),
+            origin: text[..scheme_len + authority_len].into(),
             path: StrTemplate::parse(path)?,
             query,
         };
@@ -89,7 +92,12 @@ impl UrlTemplate {
             .chain(self.query.iter().flat_map(StrTemplate::inputs))
     }
 
-    /// `http://host:port`, literal by construction.
+    /// Whether requests go over TLS.
+    pub fn is_https(&self) -> bool {
+        self.origin.starts_with("https://")
+    }
+
+    /// `http://host:port` (or `https://`), literal by construction.
     pub fn origin(&self) -> &str {
         &self.origin
     }

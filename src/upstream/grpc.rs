@@ -10,7 +10,7 @@ use prost_reflect::{DynamicMessage, SerializeOptions};
 use tonic::{
     Code,
     client::Grpc,
-    transport::{Channel, Endpoint},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 
 use super::{codec::DynamicCodec, lookup::Lookup, schema};
@@ -53,16 +53,29 @@ pub fn json_options() -> SerializeOptions {
 }
 
 impl GrpcUpstream {
-    pub fn new(spec: Arc<SourceSpec>, grpc: &GrpcSpec) -> Self {
-        let channel = Endpoint::from(grpc.endpoint.clone())
-            .tcp_nodelay(true)
-            .connect_lazy();
-        let schema = Lookup::new(grpc.schema.clone());
-        Self {
-            spec,
-            channel,
-            schema,
+    /// The channel connects lazily; TLS (for an `https://` endpoint) is
+    /// set up now, so a bad configuration fails at startup.
+    pub fn new(spec: Arc<SourceSpec>, grpc: &GrpcSpec) -> Result<Self, tonic::transport::Error> {
+        let mut endpoint = Endpoint::from(grpc.endpoint.clone()).tcp_nodelay(true);
+        if let Some(tls) = &grpc.tls {
+            let mut config = ClientTlsConfig::new();
+            config = match &tls.ca_pem {
+                Some(ca) => config.ca_certificate(Certificate::from_pem(ca)),
+                None => config.with_native_roots(),
+            };
+            if let Some((cert, key)) = &tls.identity_pem {
+                config = config.identity(Identity::from_pem(cert, key));
+            }
+            if let Some(name) = &tls.server_name {
+                config = config.domain_name(name.to_str());
+            }
+            endpoint = endpoint.tls_config(config)?;
         }
+        Ok(Self {
+            spec,
+            channel: endpoint.connect_lazy(),
+            schema: Lookup::new(grpc.schema.clone()),
+        })
     }
 
     /// Whether `grpc.health.v1.Health/Check` says `service` is SERVING; the

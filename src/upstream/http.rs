@@ -12,9 +12,11 @@ use hyper_util::{
 };
 use tokio::sync::Semaphore;
 
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
+
 use super::pool::CappedConnector;
 use crate::{
-    config::{HttpSpec, PoolSpec},
+    config::{HttpSpec, PoolSpec, UpstreamTls},
     deadline::Deadline,
     error::{Cause, SourceError},
     template::{Inputs, RenderError, render_header},
@@ -24,29 +26,47 @@ use crate::{
 /// services take (8 KiB is common), far below what breaks a URI (64 KiB).
 pub const MAX_URL_BYTES: usize = 16 * 1024;
 
+/// A pool's connector: TLS where the URL says `https://`.
+type Connector = HttpsConnector<CappedConnector>;
+
 /// One HTTP source's client.
 pub struct HttpUpstream {
-    client: Client<CappedConnector, Full<Bytes>>,
+    client: Client<Connector, Full<Bytes>>,
     /// One per connection: a request holds one from before it is sent until
     /// its body is read, so calls beyond the cap wait here, in order.
     slots: Arc<Semaphore>,
     max_connections: usize,
     /// Health checks have a connection of their own: a saturated pool must
     /// not read as an unhealthy upstream.
-    checks: Client<CappedConnector, Full<Bytes>>,
+    checks: Client<Connector, Full<Bytes>>,
 }
 
 impl HttpUpstream {
-    pub fn new(pool: &PoolSpec) -> Self {
+    pub fn new(pool: &PoolSpec, tls: Option<&UpstreamTls>) -> Self {
+        let connector = |sockets| {
+            let builder = HttpsConnectorBuilder::new().with_tls_config(match tls {
+                Some(tls) => (*tls.http).clone(),
+                // A plain http:// source never makes a TLS connection.
+                None => no_tls(),
+            });
+            let builder = builder.https_or_http();
+            let builder = match tls.and_then(|t| t.server_name.clone()) {
+                Some(name) => builder.with_server_name_resolver(FixedServerNameResolver::new(name)),
+                None => builder,
+            };
+            builder
+                .enable_http1()
+                .wrap_connector(CappedConnector::new(sockets))
+        };
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_max_idle_per_host(pool.max_idle)
             .pool_idle_timeout(pool.idle_timeout)
-            .build(CappedConnector::new(pool.max_connections));
+            .build(connector(pool.max_connections));
         let checks = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_max_idle_per_host(1)
-            .build(CappedConnector::new(1));
+            .build(connector(1));
         Self {
             client,
             slots: Arc::new(Semaphore::new(pool.max_connections)),
@@ -79,6 +99,21 @@ impl HttpUpstream {
             Err(e) => Err(format!("GET {uri}: {}", SourceError::from_transport(&e))),
         }
     }
+}
+
+/// A TLS config that trusts nothing, for sources that never use TLS.
+fn no_tls() -> rustls::ClientConfig {
+    rustls::ClientConfig::builder_with_provider(crate::config::tls_provider())
+        .with_safe_default_protocol_versions()
+        .map(|b| {
+            b.with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        })
+        .unwrap_or_else(|_| {
+            rustls::ClientConfig::builder()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        })
 }
 
 static JSON: header::HeaderValue = header::HeaderValue::from_static("application/json");
@@ -137,7 +172,7 @@ fn retry_after(value: &str) -> Option<Duration> {
 }
 
 async fn send(
-    client: &Client<CappedConnector, Full<Bytes>>,
+    client: &Client<Connector, Full<Bytes>>,
     request: Request<Bytes>,
     limit: usize,
 ) -> Result<serde_json::Value, SourceError> {

@@ -69,12 +69,14 @@ enum Client {
 impl Source {
     /// Builds the client; gRPC channels connect lazily, so a down upstream
     /// does not stop the gateway from starting.
-    pub fn new(spec: Arc<SourceSpec>) -> Self {
+    pub fn new(spec: Arc<SourceSpec>) -> Result<Self, tonic::transport::Error> {
         let client = match &spec.kind {
-            SourceKind::Grpc(g) => Client::Grpc(grpc::GrpcUpstream::new(spec.clone(), g)),
-            SourceKind::Http(h) => Client::Http(Box::new(http::HttpUpstream::new(&h.pool))),
+            SourceKind::Grpc(g) => Client::Grpc(grpc::GrpcUpstream::new(spec.clone(), g)?),
+            SourceKind::Http(h) => {
+                Client::Http(Box::new(http::HttpUpstream::new(&h.pool, h.tls.as_ref())))
+            }
         };
-        Self {
+        Ok(Self {
             params: spec.params(),
             bulkhead: spec.max_concurrent.map(Bulkhead::new),
             retry: spec.retry.clone().map(Retrier::new),
@@ -83,7 +85,7 @@ impl Source {
             hedger: (spec.hedge.clone()).map(|h| Hedger::new(h, spec.retry.is_none())),
             spec,
             client,
-        }
+        })
     }
 
     pub fn name(&self) -> &Arc<str> {

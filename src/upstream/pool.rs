@@ -34,6 +34,8 @@ impl CappedConnector {
     pub fn new(max_connections: usize) -> Self {
         let mut inner = HttpConnector::new();
         inner.set_nodelay(true);
+        // https:// URLs too: the TLS connector around this one handles them.
+        inner.enforce_http(false);
         Self {
             inner,
             sockets: Arc::new(Semaphore::new(max_connections)),

@@ -269,9 +269,16 @@ pub struct GrpcUpstream {
     /// Only the first this many requests fail (with `fail`); 0 = all.
     fail_first: u32,
     no_reflection: bool,
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl GrpcUpstream {
+    /// Serve over TLS with this config (its ALPN should offer h2).
+    pub fn tls(mut self, config: Arc<rustls::ServerConfig>) -> Self {
+        self.tls = Some(config);
+        self
+    }
+
     pub fn delay(mut self, delay: Duration) -> Self {
         self.delay = delay;
         self
@@ -301,6 +308,10 @@ impl GrpcUpstream {
         let log = Log::default();
         let stop = CancellationToken::new();
         let no_reflection = self.no_reflection;
+        let policy = ConnPolicy {
+            tls: self.tls.clone(),
+            ..ConnPolicy::default()
+        };
         let mut routes = Routes::new(ProfilesServer::new(TestProfiles {
             behaviour: self,
             log: log.clone(),
@@ -322,7 +333,7 @@ impl GrpcUpstream {
             listener,
             service,
             H2Limits::default(),
-            ConnPolicy::default(),
+            policy,
             stop.clone().cancelled_owned(),
             Duration::ZERO,
         ));
@@ -376,6 +387,7 @@ pub struct HttpUpstream {
     slow_first: Option<(u32, Duration)>,
     /// Served by a runtime of its own, on its own thread.
     own_thread: bool,
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for HttpUpstream {
@@ -388,6 +400,7 @@ impl Default for HttpUpstream {
             fail_first: None,
             slow_first: None,
             own_thread: false,
+            tls: None,
         }
     }
 }
@@ -399,6 +412,12 @@ impl HttpUpstream {
     /// test's own runtime is under.
     pub fn on_its_own_thread(mut self) -> Self {
         self.own_thread = true;
+        self
+    }
+
+    /// Serve over TLS with this config.
+    pub fn tls(mut self, config: Arc<rustls::ServerConfig>) -> Self {
+        self.tls = Some(config);
         self
     }
 
@@ -444,6 +463,10 @@ impl HttpUpstream {
         let log = Log::default();
         let stop = CancellationToken::new();
         let own_thread = self.own_thread;
+        let policy = ConnPolicy {
+            tls: self.tls.clone(),
+            ..ConnPolicy::default()
+        };
         let behaviour = Arc::new(self);
         let handler_log = log.clone();
         let service = TowerToHyperService::new(tower::service_fn(move |req: Request<Incoming>| {
@@ -489,11 +512,11 @@ impl HttpUpstream {
         let serve = move |listener| {
             accept_loop(
                 listener,
-                ConnPolicy::default(),
+                policy,
                 move |io, _| {
                     let service = PerConnection {
                         inner: service.clone(),
-                        _open: Arc::new(conn_log.connection(&io)),
+                        _open: Arc::new(conn_log.connection(io.io())),
                     };
                     server
                         .serve_connection(TokioIo::new(io), service)
@@ -1118,4 +1141,91 @@ pub async fn grpc_answering(message: Bytes) -> Running {
         Duration::ZERO,
     ));
     Running { addr, log, stop }
+}
+
+/// A throwaway PKI written to a directory: a CA, a server certificate for
+/// `localhost`, `127.0.0.1` and `upstream.test`, a client certificate, and a
+/// second CA that signed nothing of these.
+pub struct Pki {
+    pub dir: TempDir,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+        let dir = TempDir::new();
+        let write = |name: &str, text: String| std::fs::write(dir.0.join(name), text).unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "aggregator test CA");
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        write("ca.crt", ca_cert.pem());
+        let other_key = KeyPair::generate().unwrap();
+        let mut other = CertificateParams::new(Vec::<String>::new()).unwrap();
+        other.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        other
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "some other CA");
+        write("other-ca.crt", other.self_signed(&other_key).unwrap().pem());
+        let server_key = KeyPair::generate().unwrap();
+        let mut server =
+            CertificateParams::new(vec!["localhost".to_owned(), "upstream.test".to_owned()])
+                .unwrap();
+        server
+            .subject_alt_names
+            .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        let server_cert = server.signed_by(&server_key, &ca_cert, &ca_key).unwrap();
+        write("server.crt", server_cert.pem());
+        write("server.key", server_key.serialize_pem());
+        let client_key = KeyPair::generate().unwrap();
+        let client = CertificateParams::new(vec!["client".to_owned()]).unwrap();
+        let client_cert = client.signed_by(&client_key, &ca_cert, &ca_key).unwrap();
+        write("client.crt", client_cert.pem());
+        write("client.key", client_key.serialize_pem());
+        Self { dir }
+    }
+
+    /// A file's absolute path, for configs.
+    pub fn path(&self, name: &str) -> String {
+        self.dir.0.join(name).display().to_string()
+    }
+
+    pub fn read(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.dir.0.join(name)).unwrap()
+    }
+
+    /// A server config with the server certificate, offering `alpn`; with a
+    /// client CA when clients must present a certificate.
+    pub fn server_config(&self, alpn: &[&str], require_client: bool) -> Arc<rustls::ServerConfig> {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let certs: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(&self.read("server.crt"))
+                .collect::<Result<_, _>>()
+                .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(&self.read("server.key")).unwrap();
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let builder = if require_client {
+            let mut roots = rustls::RootCertStore::empty();
+            for ca in CertificateDer::pem_slice_iter(&self.read("ca.crt")) {
+                roots.add(ca.unwrap()).unwrap();
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let mut config = builder.with_single_cert(certs, key).unwrap();
+        config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        Arc::new(config)
+    }
 }

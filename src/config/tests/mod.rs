@@ -10,6 +10,7 @@ mod file;
 mod grpc;
 mod resilience;
 mod sources;
+mod tls;
 
 const ORIGIN: &str = "gw.toml";
 

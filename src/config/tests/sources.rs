@@ -49,9 +49,9 @@ fn placeholder_in_the_url_host_is_refused() {
 }
 
 #[test]
-fn https_url_is_refused() {
-    let text = "[sources.p]\nkind = \"http\"\nurl = \"https://example.com/x\"\n";
-    assert_invalid(parse(text), "sources.p.url", "expected an http:// URL");
+fn urls_other_than_http_and_https_are_refused() {
+    let text = "[sources.p]\nkind = \"http\"\nurl = \"ftp://example.com/x\"\n";
+    assert_invalid(parse(text), "sources.p.url", "expected an http:// or https:// URL");
 }
 
 #[test]
@@ -104,11 +104,11 @@ fn invalid_header_value_is_refused() {
 
 #[test]
 fn non_http_grpc_endpoint_is_refused() {
-    for endpoint in ["https://127.0.0.1:1", "127.0.0.1:1", "unix:/tmp/sock", ""] {
+    for endpoint in ["ftp://127.0.0.1:1", "127.0.0.1:1", "unix:/tmp/sock", ""] {
         let text = format!(
             "[sources.p]\nkind = \"grpc\"\nendpoint = \"{endpoint}\"\nmethod = \"demo.v1.Profiles/GetProfile\"\n"
         );
-        assert_invalid(parse(&text), "sources.p.endpoint", "http://host:port");
+        assert_invalid(parse(&text), "sources.p.endpoint", "http(s)://host:port");
     }
 }
 
