@@ -51,7 +51,11 @@ fn placeholder_in_the_url_host_is_refused() {
 #[test]
 fn urls_other_than_http_and_https_are_refused() {
     let text = "[sources.p]\nkind = \"http\"\nurl = \"ftp://example.com/x\"\n";
-    assert_invalid(parse(text), "sources.p.url", "expected an http:// or https:// URL");
+    assert_invalid(
+        parse(text),
+        "sources.p.url",
+        "expected an http:// or https:// URL",
+    );
 }
 
 #[test]
