@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use prost_types::{ListValue, Struct, Value, value::Kind};
 use tonic::{Request, Response, Status};
 
@@ -16,14 +17,16 @@ use crate::{
         SourceResult,
     },
     request_id,
+    telemetry::metrics::Rpc,
 };
 
 pub struct AggregatorApi {
-    gateway: Arc<Gateway>,
+    /// The gateway in force; swapped on reload.
+    gateway: Arc<ArcSwap<Gateway>>,
 }
 
 impl AggregatorApi {
-    pub fn new(gateway: Arc<Gateway>) -> Self {
+    pub fn new(gateway: Arc<ArcSwap<Gateway>>) -> Self {
         Self { gateway }
     }
 }
@@ -51,12 +54,14 @@ impl Caller {
 
     fn call<'a>(
         &'a self,
+        rpc: Rpc,
         aggregation: &'a str,
         params: &'a crate::template::Params,
         sources: &'a [String],
         mode: Option<Mode>,
     ) -> Call<'a> {
         Call {
+            rpc,
             aggregation,
             params,
             metadata: &self.metadata,
@@ -98,8 +103,9 @@ impl pb::aggregator_server::Aggregator for AggregatorApi {
         request: Request<AggregateRequest>,
     ) -> Result<Response<AggregateResponse>, Status> {
         let (caller, req) = Caller::from(request);
-        let call = caller.call(&req.aggregation, &req.params, &[], None);
-        let result = self.gateway.call(call).await;
+        let call = caller.call(Rpc::Aggregate, &req.aggregation, &req.params, &[], None);
+        let gateway = self.gateway.load_full();
+        let result = gateway.call(call).await;
         caller.answer(result.map(merge).map_err(|e| e.to_status()))
     }
 
@@ -119,8 +125,16 @@ impl pb::aggregator_server::Aggregator for AggregatorApi {
                 ))));
             }
         };
-        let call = caller.call(&req.aggregation, &req.params, &req.sources, mode);
-        let result = self.gateway.call(call).await.map(|outcomes| {
+        let call = caller.call(
+            Rpc::FetchAll,
+            &req.aggregation,
+            &req.params,
+            &req.sources,
+            mode,
+        );
+        // The config in force when the call arrived answers it to the end.
+        let gateway = self.gateway.load_full();
+        let result = gateway.call(call).await.map(|outcomes| {
             let results: Vec<SourceResult> = outcomes
                 .into_iter()
                 .map(|o| {

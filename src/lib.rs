@@ -20,13 +20,12 @@
 //! - [`fanout`]: concurrent dispatch; fail-fast vs best-effort; `min_success`.
 //! - [`resilience`]: one state machine per file: bulkheads, retries,
 //!   coalescing, circuit breakers, hedging.
-//! - [`metrics`]: Prometheus metrics of the resilience mechanisms.
 //! - [`upstream`]: one source's client: gRPC (dynamic messages, reflection
 //!   lookups shared and backed off) or HTTP (a capped pool per source).
 //! - [`error`]: typed errors and the one mapping to `tonic::Status`, bounded
 //!   in size; canonical code names and the ranking `min_success` uses.
-//! - [`telemetry`]: logs, text or JSON, with what callers and upstreams sent
-//!   escaped.
+//! - [`telemetry`]: logs (text or JSON, with what callers and upstreams sent
+//!   escaped) and Prometheus metrics (calls, sources, resilience state).
 //! - [`demo`]: the built-in demo upstreams.
 //! - [`pb`]: generated protobuf code.
 
@@ -38,7 +37,6 @@ pub mod error;
 pub mod fanout;
 pub mod gateway;
 pub mod health;
-pub mod metrics;
 pub mod pb;
 pub mod request_id;
 pub mod resilience;

@@ -106,6 +106,7 @@ impl Validator<'_> {
                 let path = resolve(path);
                 let bytes = std::fs::read(&path)
                     .map_err(|e| ("descriptor_set", format!("{}: {e}", path.display())))?;
+                self.depends_on(&bytes);
                 prost_reflect::DescriptorPool::decode(bytes.as_slice())
                     .map(Some)
                     .map_err(|e| ("descriptor_set", format!("{}: {e}", path.display())))
@@ -122,6 +123,7 @@ impl Validator<'_> {
                     .collect();
                 let fds =
                     protox::compile(&protos, &includes).map_err(|e| ("protos", e.to_string()))?;
+                self.depends_on(&prost::Message::encode_to_vec(&fds));
                 prost_reflect::DescriptorPool::from_file_descriptor_set(fds)
                     .map(Some)
                     .map_err(|e| ("protos", e.to_string()))

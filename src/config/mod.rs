@@ -97,14 +97,18 @@ impl Config {
     /// Validates config text; `origin` names it in errors and `base_dir`
     /// anchors relative paths (`protos`, `descriptor_set`).
     pub fn parse(text: &str, origin: &str, base_dir: &Path) -> Result<Self, ConfigError> {
-        let model: FileModel = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let parse_error = |e| ConfigError::Parse {
             origin: origin.to_owned(),
             source: Box::new(e),
-        })?;
+        };
+        let model: FileModel = toml::from_str(text).map_err(parse_error)?;
+        let raw: toml::Table = toml::from_str(text).map_err(parse_error)?;
         let v = Validator {
             origin,
             base_dir,
             defaults: &model.defaults,
+            raw: &raw,
+            fingerprint: Default::default(),
         };
         v.check_defaults()?;
         let server = v.server(&model.server)?;
@@ -132,9 +136,20 @@ struct Validator<'a> {
     origin: &'a str,
     base_dir: &'a Path,
     defaults: &'a DefaultsModel,
+    /// The file as TOML values, for what the model does not keep.
+    raw: &'a toml::Table,
+    /// What the source being validated is made of: its table, `[defaults]`,
+    /// and every file it reads (descriptors, certificates).
+    fingerprint: std::cell::RefCell<std::collections::hash_map::DefaultHasher>,
 }
 
 impl Validator<'_> {
+    /// Adds what a source depends on to its fingerprint.
+    fn depends_on(&self, bytes: &[u8]) {
+        use std::hash::Hasher;
+        self.fingerprint.borrow_mut().write(bytes);
+    }
+
     fn err(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
             origin: self.origin.to_owned(),

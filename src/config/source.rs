@@ -118,6 +118,9 @@ pub struct SourceSpec {
     /// Caller metadata copied into every request (lower-case names).
     pub forward_metadata: Vec<HeaderName>,
     pub kind: SourceKind,
+    /// Equal for two loads of the same definition (its table, `[defaults]`,
+    /// the files it reads): a reload keeps such a source as it is.
+    pub definition: u64,
 }
 
 /// When to send a second, identical request.
@@ -161,6 +164,17 @@ impl Validator<'_> {
         model: SourceModel,
     ) -> Result<SourceSpec, ConfigError> {
         self.name("sources", &name)?;
+        *self.fingerprint.borrow_mut() = Default::default();
+        let table = |t: &str| self.raw.get(t).map(|v| v.to_string()).unwrap_or_default();
+        let own = self
+            .raw
+            .get("sources")
+            .and_then(|s| s.get(&name))
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        self.depends_on(own.as_bytes());
+        self.depends_on(table("defaults").as_bytes());
+        self.depends_on(self.base_dir.as_os_str().as_encoded_bytes());
         let key = |field: &str| format!("sources.{name}.{field}");
         if let Some(foreign) = model.foreign_key() {
             let kind = match model.kind {
@@ -222,6 +236,7 @@ impl Validator<'_> {
             hedge,
             forward_metadata,
             kind,
+            definition: std::hash::Hasher::finish(&*self.fingerprint.borrow()),
         })
     }
 

@@ -23,6 +23,7 @@ pub mod track;
 
 use std::{convert::Infallible, future::Future, sync::Arc, time::Duration};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -47,6 +48,7 @@ use crate::{
     gateway::Gateway,
     health::Health,
     pb::AGGREGATOR_DESCRIPTOR,
+    telemetry::metrics::Metrics,
 };
 
 pub use crate::health::SERVICE_NAME;
@@ -83,11 +85,13 @@ pub async fn run_with_metrics(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let server = &config.server;
-    let gateway = Arc::new(Gateway::new(&config)?);
+    let registry = Metrics::default();
+    let gateway = Arc::new(ArcSwap::from_pointee(Gateway::new(&config, &registry)?));
     let stop_metrics = CancellationToken::new();
     if let Some(metrics) = metrics {
-        tokio::spawn(crate::metrics::serve(
+        tokio::spawn(crate::telemetry::metrics::serve(
             metrics,
+            registry.clone(),
             gateway.clone(),
             metrics_policy(server),
             server.header_read_timeout,
@@ -96,7 +100,7 @@ pub async fn run_with_metrics(
     }
     let _stop_metrics = stop_metrics.drop_guard();
     let (reporter, health_service) = tonic_health::server::health_reporter();
-    let health = Health::start(reporter, &gateway).await;
+    let health = Health::start(reporter, &gateway.load()).await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(AGGREGATOR_DESCRIPTOR)

@@ -36,6 +36,7 @@ use crate::{
 
 pub use self::prepared::Prepared;
 use self::prepared::Request;
+use crate::telemetry::metrics::SourceMetrics;
 
 /// A configured source with its live client.
 pub struct Source {
@@ -49,6 +50,7 @@ pub struct Source {
     coalescer: Option<Coalescer>,
     breaker: Option<Breaker>,
     hedger: Option<Hedger>,
+    metrics: SourceMetrics,
 }
 
 /// What one source call came to.
@@ -69,7 +71,10 @@ enum Client {
 impl Source {
     /// Builds the client; gRPC channels connect lazily, so a down upstream
     /// does not stop the gateway from starting.
-    pub fn new(spec: Arc<SourceSpec>) -> Result<Self, tonic::transport::Error> {
+    pub fn new(
+        spec: Arc<SourceSpec>,
+        metrics: SourceMetrics,
+    ) -> Result<Self, tonic::transport::Error> {
         let client = match &spec.kind {
             SourceKind::Grpc(g) => Client::Grpc(grpc::GrpcUpstream::new(spec.clone(), g)?),
             SourceKind::Http(h) => {
@@ -85,6 +90,7 @@ impl Source {
             hedger: (spec.hedge.clone()).map(|h| Hedger::new(h, spec.retry.is_none())),
             spec,
             client,
+            metrics,
         })
     }
 
@@ -108,7 +114,11 @@ impl Source {
             let (source, prepared) = (self.clone(), prepared.clone());
             async move { source.call(prepared, deadline).await }
         };
+        let t0 = Instant::now();
         let ((result, sent), role) = coalescer.call(&key, deadline, start).await;
+        if role == Role::Joined {
+            self.metrics.coalesce_waited(t0.elapsed().as_secs_f64());
+        }
         Fetched {
             result,
             sent,
@@ -185,6 +195,7 @@ impl Source {
         // is recorded below, outside `send`, so a timeout counts too.
         let admission = match self.breaker.as_ref().map(Breaker::admit) {
             Some(Err(open)) => {
+                self.metrics.skipped();
                 let error = SourceError::CircuitOpen {
                     source_name: self.spec.name.clone(),
                     retry_in: open.retry_in,
@@ -202,7 +213,10 @@ impl Source {
             // Waiting for a slot counts against the source's time; the slot
             // is held until the response is read or the call is dropped.
             let _slot = match &self.bulkhead {
-                Some(b) => Some(b.enter(deadline).await.map_err(SourceError::Overloaded)?),
+                Some(b) => Some(b.enter(deadline).await.map_err(|full| {
+                    self.metrics.shed();
+                    SourceError::Overloaded(full)
+                })?),
                 None => None,
             };
             if let Some(hedger) = &self.hedger {
@@ -228,6 +242,7 @@ impl Source {
                 };
                 match attempts.after_failure(&error, t0.elapsed(), deadline, fastrand::f64()) {
                     Decision::RetryAfter(wait) => {
+                        self.metrics.retried();
                         tracing::debug!(source = %self.spec.name, attempt = attempts.sent(), ?wait, %error, "retrying");
                         tokio::time::sleep(wait).await;
                     }
@@ -300,6 +315,7 @@ impl Source {
                 let shared = self.retry.as_ref().map(Retrier::budget);
                 if hedger.withdraw(shared) {
                     sent.fetch_add(1, Relaxed);
+                    self.metrics.hedged();
                     tracing::debug!(source = %self.spec.name, ?delay, "hedging");
                     let second = self.send(request, deadline);
                     tokio::pin!(second);
@@ -324,8 +340,30 @@ impl Source {
         result
     }
 
-    /// One request.
+    /// One request, counted in the source's metrics however it ends.
     async fn send(
+        &self,
+        prepared: Prepared,
+        deadline: Deadline,
+    ) -> Result<serde_json::Value, SourceError> {
+        let mut sending = Sending {
+            metrics: &self.metrics,
+            started: Instant::now(),
+            deadline,
+            done: false,
+        };
+        let result = self.send_once(prepared, deadline).await;
+        sending.done = true;
+        let code = result
+            .as_ref()
+            .err()
+            .map_or(tonic::Code::Ok, SourceError::code);
+        self.metrics
+            .request(code, sending.started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn send_once(
         &self,
         prepared: Prepared,
         deadline: Deadline,
@@ -346,6 +384,28 @@ impl Source {
             _ => Err(SourceError::Schema(
                 "a request prepared for another kind of source".into(),
             )),
+        }
+    }
+}
+
+/// A request on its way; one dropped unanswered (a hedge that lost, a
+/// caller that left, the deadline) is counted as such.
+struct Sending<'a> {
+    metrics: &'a SourceMetrics,
+    started: Instant,
+    deadline: Deadline,
+    done: bool,
+}
+
+impl Drop for Sending<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let code = match self.deadline.is_expired() {
+                true => tonic::Code::DeadlineExceeded,
+                false => tonic::Code::Cancelled,
+            };
+            self.metrics
+                .request(code, self.started.elapsed().as_secs_f64());
         }
     }
 }

@@ -1229,3 +1229,31 @@ impl Pki {
         Arc::new(config)
     }
 }
+
+/// `GET /metrics` at `addr`, with `Accept: accept` when given: the content
+/// type and the body.
+pub async fn scrape(addr: SocketAddr, accept: Option<&str>) -> (String, String) {
+    use http_body_util::BodyExt;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let mut request = Request::get(format!("http://{addr}/metrics"));
+    if let Some(accept) = accept {
+        request = request.header(http::header::ACCEPT, accept);
+    }
+    let response = client
+        .request(request.body(Full::default()).unwrap())
+        .await
+        .unwrap();
+    let content_type = response
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (content_type, String::from_utf8(body.to_vec()).unwrap())
+}
+
+/// The value of the sample `name{labels}` (labels exactly as written), if any.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}

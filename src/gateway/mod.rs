@@ -1,16 +1,20 @@
 //! The gateway's domain entry point: resolve an aggregation, check the
 //! caller's parameters, compute the deadline, fan out, and log the call.
 
-use std::{collections::HashMap, fmt, sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use tokio::time::Instant;
+use tonic::Code;
 
+mod log;
+
+use self::log::CallLog;
 use crate::{
     config::{Config, Mode},
     deadline::Deadline,
-    error::{Error, code_name},
+    error::Error,
     fanout::{self, Outcome},
     resilience::bulkhead::Bulkhead,
+    telemetry::metrics::{CallMetrics, Metrics, Rpc},
     template::{Inputs, Params, RenderError},
     upstream::Source,
 };
@@ -27,6 +31,9 @@ pub struct Gateway {
     _health_checks: tokio::task::JoinSet<()>,
     /// The gateway-wide cap on calls in flight, if configured.
     calls: Option<Bulkhead>,
+    metrics: Metrics,
+    /// Calls naming no configured aggregation, by RPC.
+    unknown: [CallMetrics; 2],
 }
 
 struct Aggregation {
@@ -35,6 +42,8 @@ struct Aggregation {
     mode: Mode,
     min_success: usize,
     timeout: Duration,
+    /// By RPC: `Aggregate`, `FetchAll`.
+    metrics: [CallMetrics; 2],
 }
 
 /// A source whose client cannot be built (its TLS, for one).
@@ -47,6 +56,7 @@ pub struct GatewayError {
 
 /// One call, as the API layer hands it over.
 pub struct Call<'a> {
+    pub rpc: Rpc,
     pub aggregation: &'a str,
     pub params: &'a Params,
     /// The caller's metadata (request headers), its request id included.
@@ -63,16 +73,41 @@ pub struct Call<'a> {
 impl Gateway {
     /// Builds one client per source (shared by every aggregation using it).
     /// Must run inside a tokio runtime: gRPC channels spawn their workers.
-    pub fn new(config: &Config) -> Result<Self, GatewayError> {
+    pub fn new(config: &Config, metrics: &Metrics) -> Result<Self, GatewayError> {
+        Self::build(config, metrics, None)
+    }
+
+    /// [`Self::new`], keeping from `previous` each source whose definition
+    /// is the same: its connections, breaker, retry budget and coalescing
+    /// state go on as they were.
+    pub fn build(
+        config: &Config,
+        metrics: &Metrics,
+        previous: Option<&Gateway>,
+    ) -> Result<Self, GatewayError> {
+        let kept = |spec: &Arc<crate::config::SourceSpec>| {
+            previous?
+                .sources
+                .iter()
+                .find(|s| s.name() == &spec.name && s.spec.definition == spec.definition)
+                .cloned()
+        };
         let sources: HashMap<Arc<str>, Arc<Source>> = config
             .sources
             .iter()
             .map(|spec| {
-                let source = Source::new(spec.clone()).map_err(|error| GatewayError {
-                    source_name: spec.name.clone(),
-                    error,
-                })?;
-                Ok((spec.name.clone(), Arc::new(source)))
+                let source = match kept(spec) {
+                    Some(source) => source,
+                    None => Arc::new(
+                        Source::new(spec.clone(), metrics.source(&spec.name)).map_err(|error| {
+                            GatewayError {
+                                source_name: spec.name.clone(),
+                                error,
+                            }
+                        })?,
+                    ),
+                };
+                Ok((spec.name.clone(), source))
             })
             .collect::<Result<_, GatewayError>>()?;
         let aggregations = config
@@ -90,6 +125,7 @@ impl Gateway {
                     mode: a.mode,
                     min_success: a.min_success,
                     timeout: a.timeout,
+                    metrics: [Rpc::Aggregate, Rpc::FetchAll].map(|rpc| metrics.calls(rpc, &a.name)),
                 };
                 (a.name.clone(), agg)
             })
@@ -107,14 +143,29 @@ impl Gateway {
             sources: all,
             calls: config.server.max_concurrent_calls.map(Bulkhead::new),
             _health_checks: health_checks,
+            unknown: [Rpc::Aggregate, Rpc::FetchAll]
+                .map(|rpc| metrics.calls(rpc, &Arc::from("unknown"))),
+            metrics: metrics.clone(),
         })
     }
 
     pub async fn call(&self, call: Call<'_>) -> Result<Vec<Outcome>, Error> {
-        let agg = self
-            .aggregations
-            .get(call.aggregation)
-            .ok_or_else(|| Error::UnknownAggregation(shown(call.aggregation)))?;
+        let agg = self.aggregations.get(call.aggregation);
+        let rpc = call.rpc as usize;
+        let metrics = agg.map_or(&self.unknown[rpc], |a| &a.metrics[rpc]);
+        let mut flight = metrics.start();
+        let result = match agg {
+            Some(agg) => self.call_in(agg, call).await,
+            None => Err(Error::UnknownAggregation(shown(call.aggregation))),
+        };
+        match &result {
+            Ok(outcomes) => flight.answered(Code::Ok, outcomes.iter().all(|o| o.result.is_ok())),
+            Err(error) => flight.answered(error.code(), false),
+        }
+        result
+    }
+
+    async fn call_in(&self, agg: &Aggregation, call: Call<'_>) -> Result<Vec<Outcome>, Error> {
         let selected = agg.select(call.sources)?;
         let mut dispatch = Vec::with_capacity(selected.len());
         let inputs = Inputs::new(call.params, call.metadata);
@@ -133,6 +184,7 @@ impl Gateway {
                 }
                 // Per call, so not at WARN: a flood would flood the log too.
                 tracing::debug!(aggregation = %agg.name, %full, "call shed: gateway at capacity");
+                self.metrics.shed();
                 Error::Overloaded(full)
             })?),
             None => None,
@@ -215,162 +267,4 @@ fn check_params(source: &Source, params: &Params) -> Result<(), RenderError> {
         }
     }
     Ok(())
-}
-
-/// Emits the one event per call; a call dropped before it finished (the
-/// caller cancelled or disconnected) is logged as cancelled.
-struct CallLog<'a> {
-    aggregation: &'a str,
-    request_id: &'a str,
-    sources: Vec<Arc<str>>,
-    started: Instant,
-    done: bool,
-}
-
-impl<'a> CallLog<'a> {
-    fn new(aggregation: &'a str, request_id: &'a str, selected: &[(Arc<Source>, bool)]) -> Self {
-        Self {
-            aggregation,
-            request_id,
-            sources: selected.iter().map(|(s, _)| s.name().clone()).collect(),
-            started: Instant::now(),
-            done: false,
-        }
-    }
-
-    fn finish(&mut self, result: &Result<Vec<Outcome>, fanout::Failure>) {
-        self.done = true;
-        let elapsed_ms = ms(self.started.elapsed());
-        match result {
-            Ok(outcomes) => {
-                let complete = outcomes.iter().all(|o| o.result.is_ok());
-                tracing::info!(
-                    aggregation = self.aggregation,
-                    request_id = self.request_id,
-                    outcome = if complete { "complete" } else { "partial" },
-                    elapsed_ms,
-                    sources = %Summary(&self.sources, outcomes),
-                    "aggregation completed"
-                );
-            }
-            Err(f) => tracing::warn!(
-                aggregation = self.aggregation,
-                request_id = self.request_id,
-                outcome = "failed",
-                code = %code_name(f.error.code()),
-                error = %f.error,
-                elapsed_ms,
-                sources = %Summary(&self.sources, &f.finished),
-                "aggregation failed"
-            ),
-        }
-    }
-}
-
-impl Drop for CallLog<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            tracing::info!(
-                aggregation = self.aggregation,
-                request_id = self.request_id,
-                outcome = "cancelled",
-                elapsed_ms = ms(self.started.elapsed()),
-                "aggregation cancelled by the caller"
-            );
-        }
-    }
-}
-
-/// Milliseconds, to the microsecond: `4.118`, not `4.1184389999999995`.
-fn ms(d: Duration) -> f64 {
-    d.as_micros() as f64 / 1e3
-}
-
-/// `profile=OK/3.1ms/coalesced orders=UNAVAILABLE/0.4ms/3x slow=cancelled`
-/// (`3x`: requests sent, with retries and hedges; `skipped`: circuit open)
-struct Summary<'a>(&'a [Arc<str>], &'a [Outcome]);
-
-impl fmt::Display for Summary<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, name) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str(" ")?;
-            }
-            match self.1.iter().find(|o| &o.source == name) {
-                Some(o) => {
-                    let code = o
-                        .result
-                        .as_ref()
-                        .err()
-                        .map_or(tonic::Code::Ok, |e| e.code());
-                    write!(f, "{name}={}/{:.1}ms", code_name(code), ms(o.elapsed))?;
-                    // Only what differs from one plain request.
-                    if o.attempts > 1 {
-                        write!(f, "/{}x", o.attempts)?;
-                    }
-                    if o.coalesced {
-                        f.write_str("/coalesced")?;
-                    }
-                    if o.skipped {
-                        f.write_str("/skipped")?;
-                    }
-                }
-                None => write!(f, "{name}=cancelled")?,
-            }
-        }
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::error::SourceError;
-
-    fn outcome(name: &str, result: Result<serde_json::Value, SourceError>) -> Outcome {
-        Outcome {
-            source: name.into(),
-            optional: false,
-            result,
-            elapsed: Duration::from_micros(3_140),
-            attempts: 1,
-            coalesced: false,
-            skipped: false,
-            fallback: None,
-        }
-    }
-
-    #[test]
-    fn the_call_summary_shows_what_each_source_came_to() {
-        let names: Vec<Arc<str>> = ["plain", "retried", "shared", "open", "slow"]
-            .map(Arc::from)
-            .into();
-        let outcomes = [
-            outcome("plain", Ok(serde_json::Value::Null)),
-            Outcome {
-                attempts: 3,
-                ..outcome("retried", Err(SourceError::Timeout(Duration::from_secs(1))))
-            },
-            Outcome {
-                coalesced: true,
-                ..outcome("shared", Ok(serde_json::Value::Null))
-            },
-            Outcome {
-                skipped: true,
-                attempts: 0,
-                ..outcome(
-                    "open",
-                    Err(SourceError::CircuitOpen {
-                        source_name: "open".into(),
-                        retry_in: Duration::from_secs(1),
-                    }),
-                )
-            },
-        ];
-        assert_eq!(
-            Summary(&names, &outcomes).to_string(),
-            "plain=OK/3.1ms retried=DEADLINE_EXCEEDED/3.1ms/3x shared=OK/3.1ms/coalesced \
-             open=UNAVAILABLE/3.1ms/skipped slow=cancelled"
-        );
-    }
 }
