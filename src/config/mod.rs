@@ -14,6 +14,7 @@ mod metadata;
 mod resilience;
 mod server;
 mod source;
+mod telemetry;
 mod tls;
 
 use std::{collections::BTreeMap, path::Path, sync::Arc};
@@ -22,7 +23,7 @@ use serde::Deserialize;
 
 use self::{
     aggregation::AggregationModel, defaults::DefaultsModel, server::ServerModel,
-    source::SourceModel,
+    source::SourceModel, telemetry::TelemetryModel,
 };
 pub use self::{
     aggregation::{AggregationSpec, Mode},
@@ -34,6 +35,7 @@ pub use self::{
     },
     server::{DEFAULT_MAX_RESET_BURST, DEFAULT_MAX_RESETS_PER_SECOND, ServerSpec},
     source::{DEFAULT_MAX_RESPONSE_BYTES, SourceKind, SourceSpec},
+    telemetry::TelemetrySpec,
     tls::{ListenerTls, UpstreamTls, provider as tls_provider},
 };
 
@@ -70,6 +72,8 @@ struct FileModel {
     sources: BTreeMap<String, SourceModel>,
     #[serde(default)]
     aggregations: BTreeMap<String, AggregationModel>,
+    #[serde(default)]
+    telemetry: TelemetryModel,
 }
 
 /// A validated configuration.
@@ -81,6 +85,8 @@ pub struct Config {
     pub sources: Vec<Arc<SourceSpec>>,
     /// Every aggregation, sorted by name.
     pub aggregations: Vec<AggregationSpec>,
+    /// `[telemetry]`: traces.
+    pub telemetry: TelemetrySpec,
 }
 
 impl Config {
@@ -112,6 +118,7 @@ impl Config {
         };
         v.check_defaults()?;
         let server = v.server(&model.server)?;
+        let telemetry = v.telemetry(&model.telemetry)?;
         let sources: Vec<Arc<SourceSpec>> = model
             .sources
             .into_iter()
@@ -126,6 +133,7 @@ impl Config {
             server,
             sources,
             aggregations,
+            telemetry,
         })
     }
 }

@@ -16,6 +16,7 @@ use crate::{
 pub(super) struct CallLog<'a> {
     aggregation: &'a str,
     request_id: &'a str,
+    trace_id: Option<&'a str>,
     sources: Vec<Arc<str>>,
     started: Instant,
     done: bool,
@@ -25,11 +26,13 @@ impl<'a> CallLog<'a> {
     pub(super) fn new(
         aggregation: &'a str,
         request_id: &'a str,
+        trace_id: Option<&'a str>,
         selected: &[(Arc<Source>, bool)],
     ) -> Self {
         Self {
             aggregation,
             request_id,
+            trace_id,
             sources: selected.iter().map(|(s, _)| s.name().clone()).collect(),
             started: Instant::now(),
             done: false,
@@ -45,6 +48,7 @@ impl<'a> CallLog<'a> {
                 tracing::info!(
                     aggregation = self.aggregation,
                     request_id = self.request_id,
+                    trace_id = self.trace_id,
                     outcome = if complete { "complete" } else { "partial" },
                     elapsed_ms,
                     sources = %Summary(&self.sources, outcomes),
@@ -54,6 +58,7 @@ impl<'a> CallLog<'a> {
             Err(f) => tracing::warn!(
                 aggregation = self.aggregation,
                 request_id = self.request_id,
+                trace_id = self.trace_id,
                 outcome = "failed",
                 code = %code_name(f.error.code()),
                 error = %f.error,
@@ -71,6 +76,7 @@ impl Drop for CallLog<'_> {
             tracing::info!(
                 aggregation = self.aggregation,
                 request_id = self.request_id,
+                trace_id = self.trace_id,
                 outcome = "cancelled",
                 elapsed_ms = ms(self.started.elapsed()),
                 "aggregation cancelled by the caller"

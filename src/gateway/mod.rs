@@ -14,7 +14,10 @@ use crate::{
     error::Error,
     fanout::{self, Outcome},
     resilience::bulkhead::Bulkhead,
-    telemetry::metrics::{CallMetrics, Metrics, Rpc},
+    telemetry::{
+        metrics::{CallMetrics, Metrics, Rpc},
+        traces::{CallSpan, Tracing, trace_id_of},
+    },
     template::{Inputs, Params, RenderError},
     upstream::Source,
 };
@@ -34,6 +37,7 @@ pub struct Gateway {
     metrics: Metrics,
     /// Calls naming no configured aggregation, by RPC.
     unknown: [CallMetrics; 2],
+    tracing: Option<Tracing>,
 }
 
 struct Aggregation {
@@ -74,7 +78,7 @@ impl Gateway {
     /// Builds one client per source (shared by every aggregation using it).
     /// Must run inside a tokio runtime: gRPC channels spawn their workers.
     pub fn new(config: &Config, metrics: &Metrics) -> Result<Self, GatewayError> {
-        Self::build(config, metrics, None)
+        Self::build(config, metrics, None, None)
     }
 
     /// [`Self::new`], keeping from `previous` each source whose definition
@@ -83,6 +87,7 @@ impl Gateway {
     pub fn build(
         config: &Config,
         metrics: &Metrics,
+        tracing: Option<Tracing>,
         previous: Option<&Gateway>,
     ) -> Result<Self, GatewayError> {
         let kept = |spec: &Arc<crate::config::SourceSpec>| {
@@ -146,6 +151,7 @@ impl Gateway {
             unknown: [Rpc::Aggregate, Rpc::FetchAll]
                 .map(|rpc| metrics.calls(rpc, &Arc::from("unknown"))),
             metrics: metrics.clone(),
+            tracing,
         })
     }
 
@@ -166,12 +172,40 @@ impl Gateway {
     }
 
     async fn call_in(&self, agg: &Aggregation, call: Call<'_>) -> Result<Vec<Outcome>, Error> {
+        let span =
+            (self.tracing.as_ref()).map(|t| t.call_span(call.rpc.name(), &agg.name, call.metadata));
+        let trace_id = match &span {
+            Some(span) => Some(span.trace_id()),
+            None => trace_id_of(call.metadata),
+        };
+        let result = self
+            .fan_out(agg, &call, span.as_ref(), trace_id.as_deref())
+            .await;
+        if let Some(span) = &span {
+            for o in result.as_deref().unwrap_or_default() {
+                let code = o.result.as_ref().err().map_or(Code::Ok, |e| e.code());
+                span.source(&o.source, code, o.attempts, o.coalesced, o.skipped);
+            }
+            let code = result.as_ref().err().map_or(Code::Ok, Error::code);
+            span.end(code, call.request_id);
+        }
+        result
+    }
+
+    async fn fan_out(
+        &self,
+        agg: &Aggregation,
+        call: &Call<'_>,
+        span: Option<&CallSpan>,
+        trace_id: Option<&str>,
+    ) -> Result<Vec<Outcome>, Error> {
         let selected = agg.select(call.sources)?;
         let mut dispatch = Vec::with_capacity(selected.len());
         let inputs = Inputs::new(call.params, call.metadata);
         for (source, optional) in &selected {
             check_params(source, call.params)?;
-            dispatch.push((source, *optional, source.prepare(&inputs)?));
+            let prepared = source.prepare(&inputs)?.traced(span, &agg.name);
+            dispatch.push((source, *optional, prepared));
         }
         let deadline = match call.deadline {
             Some(d) => d.cap(agg.timeout),
@@ -189,7 +223,7 @@ impl Gateway {
             })?),
             None => None,
         };
-        let mut log = CallLog::new(&agg.name, call.request_id, &selected);
+        let mut log = CallLog::new(&agg.name, call.request_id, trace_id, &selected);
         let policy = fanout::Policy {
             mode: call.mode.unwrap_or(agg.mode),
             min_success: agg.min_success,

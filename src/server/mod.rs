@@ -48,7 +48,7 @@ use crate::{
     gateway::Gateway,
     health::Health,
     pb::AGGREGATOR_DESCRIPTOR,
-    telemetry::metrics::Metrics,
+    telemetry::{metrics::Metrics, traces::Tracing},
 };
 
 pub use crate::health::SERVICE_NAME;
@@ -63,6 +63,8 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error(transparent)]
     Gateway(#[from] crate::gateway::GatewayError),
+    #[error(transparent)]
+    Tracing(#[from] crate::telemetry::traces::TracingError),
 }
 
 /// Serves the gateway on `listener` until `shutdown` completes, then reports
@@ -86,7 +88,9 @@ pub async fn run_with_metrics(
 ) -> Result<(), ServeError> {
     let server = &config.server;
     let registry = Metrics::default();
-    let gateway = Arc::new(ArcSwap::from_pointee(Gateway::new(&config, &registry)?));
+    let tracing = Tracing::start(&config.telemetry, registry.trace_export_failures())?;
+    let gateway = Gateway::build(&config, &registry, tracing.clone(), None)?;
+    let gateway = Arc::new(ArcSwap::from_pointee(gateway));
     let stop_metrics = CancellationToken::new();
     if let Some(metrics) = metrics {
         tokio::spawn(crate::telemetry::metrics::serve(
@@ -138,6 +142,10 @@ pub async fn run_with_metrics(
         server.drain_timeout,
     )
     .await;
+    if let Some(tracing) = tracing {
+        // Sends the spans still queued; blocks, so not on a runtime thread.
+        let _ = tokio::task::spawn_blocking(move || tracing.shutdown()).await;
+    }
     Ok(())
 }
 

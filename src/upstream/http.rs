@@ -81,7 +81,7 @@ impl HttpUpstream {
         request: Request<Bytes>,
         deadline: Deadline,
         limit: usize,
-    ) -> Result<serde_json::Value, SourceError> {
+    ) -> Result<(serde_json::Value, StatusCode), SourceError> {
         let slot = tokio::time::timeout_at(deadline.instant(), self.slots.acquire()).await;
         let Ok(Ok(_slot)) = slot else {
             return Err(SourceError::NoConnection(self.max_connections));
@@ -175,7 +175,7 @@ async fn send(
     client: &Client<Connector, Full<Bytes>>,
     request: Request<Bytes>,
     limit: usize,
-) -> Result<serde_json::Value, SourceError> {
+) -> Result<(serde_json::Value, StatusCode), SourceError> {
     let response = client
         .request(request.map(Full::new))
         .await
@@ -206,7 +206,8 @@ async fn send(
         })?
         .to_bytes();
     if status == StatusCode::NO_CONTENT || body.is_empty() && status != StatusCode::OK {
-        return Ok(serde_json::Value::Null);
+        return Ok((serde_json::Value::Null, status));
     }
-    serde_json::from_slice(&body).map_err(|e| SourceError::NotJson(Arc::new(e)))
+    let value = serde_json::from_slice(&body).map_err(|e| SourceError::NotJson(Arc::new(e)))?;
+    Ok((value, status))
 }

@@ -10,6 +10,7 @@ pub mod lookup;
 pub mod pool;
 pub mod prepared;
 pub mod schema;
+mod send;
 
 use std::{
     sync::{
@@ -35,7 +36,6 @@ use crate::{
 };
 
 pub use self::prepared::Prepared;
-use self::prepared::Request;
 use crate::telemetry::metrics::SourceMetrics;
 
 /// A configured source with its live client.
@@ -285,9 +285,9 @@ impl Source {
         deadline: Deadline,
         sent: &AtomicU32,
     ) -> Result<serde_json::Value, SourceError> {
-        sent.fetch_add(1, Relaxed);
+        let attempt = sent.fetch_add(1, Relaxed) + 1;
         match self.hedger.as_ref().and_then(|h| Some((h, h.delay()?))) {
-            None => self.send(request, deadline).await,
+            None => self.send(request, deadline, attempt).await,
             // Boxed: two requests' futures at once would otherwise weigh on
             // every call in flight, hedged or not.
             Some((hedger, delay)) => {
@@ -305,7 +305,7 @@ impl Source {
         sent: &AtomicU32,
     ) -> Result<serde_json::Value, SourceError> {
         let t0 = Instant::now();
-        let first = self.send(request.clone(), deadline);
+        let first = self.send(request.clone(), deadline, sent.load(Relaxed));
         tokio::pin!(first);
         let result = tokio::select! {
             biased;
@@ -314,10 +314,10 @@ impl Source {
             () = tokio::time::sleep(delay), if delay < deadline.remaining() => {
                 let shared = self.retry.as_ref().map(Retrier::budget);
                 if hedger.withdraw(shared) {
-                    sent.fetch_add(1, Relaxed);
+                    let attempt = sent.fetch_add(1, Relaxed) + 1;
                     self.metrics.hedged();
                     tracing::debug!(source = %self.spec.name, ?delay, "hedging");
-                    let second = self.send(request, deadline);
+                    let second = self.send(request, deadline, attempt);
                     tokio::pin!(second);
                     tokio::select! {
                         result = &mut first => match result {
@@ -338,74 +338,5 @@ impl Source {
             hedger.observe(t0.elapsed());
         }
         result
-    }
-
-    /// One request, counted in the source's metrics however it ends.
-    async fn send(
-        &self,
-        prepared: Prepared,
-        deadline: Deadline,
-    ) -> Result<serde_json::Value, SourceError> {
-        let mut sending = Sending {
-            metrics: &self.metrics,
-            started: Instant::now(),
-            deadline,
-            done: false,
-        };
-        let result = self.send_once(prepared, deadline).await;
-        sending.done = true;
-        let code = result
-            .as_ref()
-            .err()
-            .map_or(tonic::Code::Ok, SourceError::code);
-        self.metrics
-            .request(code, sending.started.elapsed().as_secs_f64());
-        result
-    }
-
-    async fn send_once(
-        &self,
-        prepared: Prepared,
-        deadline: Deadline,
-    ) -> Result<serde_json::Value, SourceError> {
-        let Prepared { request, trace } = prepared;
-        match (&self.client, request) {
-            (Client::Grpc(g), Request::Grpc(mut request)) => {
-                trace.apply(&mut request.metadata);
-                g.call(request, deadline).await
-            }
-            (Client::Http(c), Request::Http(mut request)) => {
-                trace.apply(request.headers_mut());
-                c.call(*request, deadline, self.spec.max_response_bytes)
-                    .await
-            }
-            // A source prepares its own requests: a mismatch is a bug, told
-            // as one rather than a panic.
-            _ => Err(SourceError::Schema(
-                "a request prepared for another kind of source".into(),
-            )),
-        }
-    }
-}
-
-/// A request on its way; one dropped unanswered (a hedge that lost, a
-/// caller that left, the deadline) is counted as such.
-struct Sending<'a> {
-    metrics: &'a SourceMetrics,
-    started: Instant,
-    deadline: Deadline,
-    done: bool,
-}
-
-impl Drop for Sending<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            let code = match self.deadline.is_expired() {
-                true => tonic::Code::DeadlineExceeded,
-                false => tonic::Code::Cancelled,
-            };
-            self.metrics
-                .request(code, self.started.elapsed().as_secs_f64());
-        }
     }
 }

@@ -2,12 +2,15 @@
 //! metadata, with the metadata the source forwards, before anything is sent,
 //! so that every input is checked before any upstream is contacted.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::{Client, Source, grpc, http as http_upstream, schema};
 use crate::{
     config::SourceKind,
+    telemetry::traces::{CallSpan, RequestSpan},
     template::{Inputs, RenderError, render_header},
 };
 
@@ -27,11 +30,13 @@ pub(super) enum Request {
     Http(Box<::http::Request<Bytes>>),
 }
 
-/// The caller's `traceparent` and `tracestate`, verbatim.
+/// The caller's `traceparent` and `tracestate`, verbatim; with tracing on,
+/// the call's span, under which each request gets its own.
 #[derive(Debug, Clone, Default)]
 pub struct TraceContext {
     traceparent: Option<HeaderValue>,
     tracestate: Option<HeaderValue>,
+    span: Option<(CallSpan, Arc<str>)>,
 }
 
 impl TraceContext {
@@ -39,16 +44,33 @@ impl TraceContext {
         Self {
             traceparent: metadata.get(TRACEPARENT).cloned(),
             tracestate: metadata.get(TRACESTATE).cloned(),
+            span: None,
         }
     }
 
-    pub(super) fn apply(&self, headers: &mut HeaderMap) {
+    /// Puts the trace context in a request's `headers`: the caller's, or
+    /// with tracing on a new client span's (named and described by
+    /// `describe`), which is returned to be ended with the request.
+    pub(super) fn begin(
+        &self,
+        headers: &mut HeaderMap,
+        describe: impl FnOnce() -> (String, Vec<opentelemetry::KeyValue>),
+    ) -> Option<RequestSpan> {
+        if let Some((span, aggregation)) = &self.span {
+            let (name, mut attributes) = describe();
+            attributes.push(opentelemetry::KeyValue::new(
+                "aggregator.aggregation",
+                aggregation.to_string(),
+            ));
+            return Some(span.request(name, attributes, headers));
+        }
         if let Some(value) = &self.traceparent {
             headers.insert(TRACEPARENT, value.clone());
         }
         if let Some(value) = &self.tracestate {
             headers.insert(TRACESTATE, value.clone());
         }
+        None
     }
 }
 
@@ -109,6 +131,12 @@ fn forwarded(names: &[HeaderName], metadata: &HeaderMap, into: &mut HeaderMap) {
 }
 
 impl Prepared {
+    /// Sends its requests under the call's span.
+    pub fn traced(mut self, span: Option<&CallSpan>, aggregation: &Arc<str>) -> Self {
+        self.trace.span = span.map(|s| (s.clone(), aggregation.clone()));
+        self
+    }
+
     /// The request as bytes, whole: calls with equal keys are identical
     /// (method, URL or gRPC message, headers or metadata, body), so callers
     /// with different credentials never share. The trace context is left

@@ -33,7 +33,7 @@ pub enum Rpc {
 }
 
 impl Rpc {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Self::Aggregate => "Aggregate",
             Self::FetchAll => "FetchAll",
@@ -102,6 +102,7 @@ pub struct Metrics {
     coalesce_wait: Histograms<SourceLabels>,
     build_info: Family<VersionLabels, Gauge>,
     reloads: Family<ResultLabels, Counter>,
+    trace_export_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -121,6 +122,7 @@ impl Default for Metrics {
             coalesce_wait: Family::new_with_constructor(latency),
             build_info: Family::default(),
             reloads: Family::default(),
+            trace_export_failures: Counter::default(),
         };
         metrics
             .build_info
@@ -205,6 +207,16 @@ impl Metrics {
             "Config reloads, by result.",
             self.reloads.clone(),
         );
+        registry.register(
+            "aggregator_trace_export_failures",
+            "Batches of spans the collector did not take (they are dropped).",
+            self.trace_export_failures.clone(),
+        );
+    }
+
+    /// Counted by the trace exporter.
+    pub fn trace_export_failures(&self) -> Counter {
+        self.trace_export_failures.clone()
     }
 
     /// The handles of one aggregation's calls through `rpc`.
