@@ -106,7 +106,8 @@ impl pb::aggregator_server::Aggregator for AggregatorApi {
         let call = caller.call(Rpc::Aggregate, &req.aggregation, &req.params, &[], None);
         let gateway = self.gateway.load_full();
         let result = gateway.call(call).await;
-        caller.answer(result.map(merge).map_err(|e| e.to_status()))
+        let answer = result.map(merge).map_err(|e| e.to_status());
+        caller.answer(answer.and_then(|a| bounded(a, gateway.max_answer_bytes)))
     }
 
     async fn fetch_all(
@@ -148,8 +149,21 @@ impl pb::aggregator_server::Aggregator for AggregatorApi {
                 results,
             }
         });
-        caller.answer(result.map_err(|e| e.to_status()))
+        let answer = result.map_err(|e| e.to_status());
+        caller.answer(answer.and_then(|a| bounded(a, gateway.max_answer_bytes)))
     }
+}
+
+/// The answer, unless it is larger than `max` bytes: a client would not
+/// read it (gRPC clients take 4 MiB by default), so it is told why instead.
+fn bounded<T: prost::Message>(answer: T, max: usize) -> Result<T, Status> {
+    let len = answer.encoded_len();
+    if len > max {
+        return Err(Status::resource_exhausted(format!(
+            "the answer would be {len} bytes, over the {max}-byte limit (max_answer_bytes)"
+        )));
+    }
+    Ok(answer)
 }
 
 /// The Aggregate answer: each successful source's data under its name, and

@@ -61,11 +61,19 @@ async fn a_connection_that_never_handshakes_is_closed() {
     let gw = gateway("handshake_timeout = \"300ms\"", &upstream).await;
     let opened = Instant::now();
     let mut silent = TcpStream::connect(gw.addr).await.unwrap();
-    // Half a preface is not a handshake either.
+    // Half a preface is not a handshake either, nor a preface and a
+    // SETTINGS frame header whose payload never comes.
     let mut partial = TcpStream::connect(gw.addr).await.unwrap();
     partial.write_all(&PREFACE[..10]).await.unwrap();
+    let mut headless = TcpStream::connect(gw.addr).await.unwrap();
+    headless.write_all(PREFACE).await.unwrap();
+    headless
+        .write_all(&[0, 0, 6, 4, 0, 0, 0, 0, 0])
+        .await
+        .unwrap();
     assert!(server_closes(&mut silent, GENEROUS).await, "never closed");
     assert!(server_closes(&mut partial, GENEROUS).await, "never closed");
+    assert!(server_closes(&mut headless, GENEROUS).await, "never closed");
     assert!(
         opened.elapsed() >= Duration::from_millis(300),
         "closed before its time"
@@ -96,6 +104,36 @@ async fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
         raw::closed_within(&mut busy, GENEROUS).await,
         "idle after its call, it stayed open"
     );
+}
+
+#[tokio::test]
+async fn an_idle_client_that_ignores_goaway_is_closed_all_the_same() {
+    let upstream = Upstream::http().start().await;
+    let gw = gateway(
+        "idle_timeout = \"300ms\"\nkeepalive_interval = \"1h\"",
+        &upstream,
+    )
+    .await;
+    // A whole handshake, then nothing read or answered: not the GOAWAY, not
+    // its ping.
+    let mut deaf = TcpStream::connect(gw.addr).await.unwrap();
+    deaf.write_all(PREFACE).await.unwrap();
+    deaf.write_all(SETTINGS).await.unwrap();
+    let opened = Instant::now();
+    let mut sink = [0u8; 4096];
+    let closed = async {
+        loop {
+            match deaf.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    assert!(
+        tokio::time::timeout(GENEROUS, closed).await.is_ok(),
+        "left open for the keepalive (1 h)"
+    );
+    assert!(opened.elapsed() >= Duration::from_millis(300));
 }
 
 #[tokio::test]
@@ -352,6 +390,79 @@ async fn requests_that_are_not_grpc_get_http_errors() {
     }
 }
 
+#[tokio::test]
+async fn bytes_being_received_are_bounded_gateway_wide() {
+    let upstream = Upstream::http().start().await;
+    let gw = gateway("max_buffered_request_bytes = 1048576", &upstream).await;
+    let mut conn = raw::connect(gw.addr).await;
+    let start = |conn: &mut raw::Conn| {
+        let head = raw::grpc_head(gw.addr, AGGREGATE, Some("2S"));
+        let (response, mut body) = conn.send.send_request(head, false).unwrap();
+        // 400 KiB of a declared 1 MiB, and then nothing.
+        let mut start = vec![0u8];
+        start.extend_from_slice(&(1u32 << 20).to_be_bytes());
+        start.extend_from_slice(&vec![b'x'; 400 << 10]);
+        body.send_data(Bytes::from(start), false).unwrap();
+        (tokio::spawn(raw::read_answer(response)), body)
+    };
+    // 1.2 MiB arriving for 1 MiB: whichever stream's bytes come last is refused.
+    let streams = [start(&mut conn), start(&mut conn), start(&mut conn)];
+    let mut refused = 0;
+    for (answer, _body) in streams {
+        let answer = tokio::time::timeout(GENEROUS, answer)
+            .await
+            .expect("no answer")
+            .unwrap();
+        match answer.grpc {
+            Some(Code::ResourceExhausted) => {
+                assert!(
+                    answer.message.contains("max_buffered_request_bytes"),
+                    "{answer:?}"
+                );
+                refused += 1;
+            }
+            Some(Code::DeadlineExceeded) => {}
+            _ => panic!("{answer:?}"),
+        }
+    }
+    assert!(refused >= 1, "1.2 MiB was held against a bound of 1 MiB");
+    // Small calls still get through.
+    let head = raw::grpc_head(gw.addr, AGGREGATE, None);
+    let answer = raw::call(&mut conn, head, raw::frame(&request("p", "1"))).await;
+    assert_eq!(answer.grpc, Some(Code::Ok), "{answer:?}");
+}
+
+#[tokio::test]
+async fn a_unary_call_carries_one_message() {
+    let upstream = Upstream::http().start().await;
+    let gw = gateway("", &upstream).await;
+    let mut conn = raw::connect(gw.addr).await;
+    let one = raw::frame(&request("p", "1"));
+    let two = Bytes::from([one.clone(), one].concat());
+    let answer = raw::call(&mut conn, raw::grpc_head(gw.addr, AGGREGATE, None), two).await;
+    assert_eq!(answer.grpc, Some(Code::InvalidArgument), "{answer:?}");
+    assert_eq!(upstream.log.stats().started, 0);
+}
+
+#[tokio::test]
+async fn an_answer_larger_than_a_client_reads_is_refused() {
+    let big = serde_json::json!({ "blob": "x".repeat(8 << 10) });
+    let upstream = Upstream::http().json(big).start().await;
+    let gw = gateway("max_answer_bytes = 4096", &upstream).await;
+    let status = gw
+        .client()
+        .await
+        .aggregate(request("p", "1"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("max_answer_bytes"),
+        "{}",
+        status.message()
+    );
+}
+
 /// Sends a call and resets it at once, before any answer.
 fn call_and_cancel(conn: &mut raw::Conn, addr: std::net::SocketAddr, user: &str) -> bool {
     let head = raw::grpc_head(addr, AGGREGATE, None);
@@ -449,6 +560,43 @@ async fn a_flood_of_resets_is_cut_off_and_other_clients_are_served() {
     );
     let mut client = gw.client().await;
     client.aggregate(request("p", "1")).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resets_of_calls_without_a_body_count_too() {
+    let upstream = Upstream::http().start().await;
+    let gw = gateway(
+        "max_resets_per_second = 10\nmax_reset_burst = 100",
+        &upstream,
+    )
+    .await;
+    let mut client = raw::connect(gw.addr).await;
+    let mut sent = 0;
+    'resets: for _ in 0..1_000 {
+        for _ in 0..10 {
+            // HEADERS without END_STREAM, no body, then RST_STREAM.
+            let head = raw::grpc_head(gw.addr, AGGREGATE, None);
+            let Ok((response, mut body)) = client.send.send_request(head, false) else {
+                break 'resets;
+            };
+            drop(response);
+            body.send_reset(h2::Reason::CANCEL);
+            sent += 1;
+        }
+        match client.send.clone().ready().await {
+            Ok(send) => client.send = send,
+            Err(_) => break,
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(sent < 10_000, "never cut off");
+    let ended = tokio::time::timeout(GENEROUS, &mut client.driver)
+        .await
+        .expect("the connection stayed open")
+        .unwrap();
+    if let Err(error) = ended {
+        assert!(!error.to_string().contains("too_many_resets"), "{error}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -71,7 +71,7 @@ async fn a_small_answer_that_explodes_into_json_is_refused() {
     assert!(grown < 64 * 1024, "converting it cost {grown} KiB");
     // A source with room for it gets it whole.
     let roomy = Gateway::start(&format!(
-        "{}max_response_bytes = 67108864\n{}",
+        "[server]\nmax_answer_bytes = 67108864\n{}max_response_bytes = 67108864\n{}",
         evil_source("evil", &upstream, "{ name = \"x\" }"),
         aggregation("evil", &["evil"], "")
     ))
@@ -342,4 +342,26 @@ async fn a_parameter_that_cannot_fill_its_field_is_the_callers_error() {
         .into_inner();
     assert!(response.complete, "{response:?}");
     assert_eq!(evil.log.stats().started, 1);
+}
+
+#[tokio::test]
+async fn a_reflection_service_that_never_answers_is_asked_once() {
+    let upstream = grpc_hanging().await;
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        grpc_source("p", &upstream),
+        aggregation("p", &["p"], "timeout = \"200ms\"")
+    ))
+    .await;
+    let mut client = gw.client().await;
+    for i in 0..10 {
+        let user = i.to_string();
+        let status = client
+            .aggregate(request("p", &[("user_id", &user)]))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    }
+    // The one lookup outlives the calls that gave up on it.
+    assert_eq!(upstream.log.paths_starting("/grpc.reflection."), 1);
 }

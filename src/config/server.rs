@@ -41,6 +41,8 @@ pub(super) struct ServerModel {
     keepalive_timeout: Duration,
     max_concurrent_streams: u32,
     max_request_bytes: usize,
+    max_buffered_request_bytes: usize,
+    max_answer_bytes: usize,
     #[serde(with = "humantime_serde")]
     request_read_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -66,6 +68,8 @@ impl Default for ServerModel {
             keepalive_timeout: Duration::from_secs(20),
             max_concurrent_streams: 200,
             max_request_bytes: 4 * 1024 * 1024,
+            max_buffered_request_bytes: 256 * 1024 * 1024,
+            max_answer_bytes: 4 * 1024 * 1024,
             request_read_timeout: Duration::from_secs(10),
             send_timeout: Duration::from_secs(5),
             max_resets_per_second: DEFAULT_MAX_RESETS_PER_SECOND,
@@ -102,6 +106,10 @@ pub struct ServerSpec {
     pub max_concurrent_streams: u32,
     /// The largest request message accepted.
     pub max_request_bytes: usize,
+    /// Bytes of requests being received, all connections together.
+    pub max_buffered_request_bytes: usize,
+    /// The largest answer sent (what a default gRPC client reads).
+    pub max_answer_bytes: usize,
     /// How long a request may take to arrive when the caller set no deadline.
     pub request_read_timeout: Duration,
     /// How long an answer may take to reach the client once it is ready.
@@ -135,6 +143,11 @@ impl Validator<'_> {
             ),
             ("max_request_bytes", model.max_request_bytes as u64),
             (
+                "max_buffered_request_bytes",
+                model.max_buffered_request_bytes as u64,
+            ),
+            ("max_answer_bytes", model.max_answer_bytes as u64),
+            (
                 "max_resets_per_second",
                 u64::from(model.max_resets_per_second),
             ),
@@ -161,6 +174,10 @@ impl Validator<'_> {
             keepalive_timeout: model.keepalive_timeout,
             max_concurrent_streams: model.max_concurrent_streams,
             max_request_bytes: model.max_request_bytes,
+            max_buffered_request_bytes: model
+                .max_buffered_request_bytes
+                .min(tokio::sync::Semaphore::MAX_PERMITS),
+            max_answer_bytes: model.max_answer_bytes,
             request_read_timeout: model.request_read_timeout,
             send_timeout: model.send_timeout,
             max_resets_per_second: model.max_resets_per_second,

@@ -38,6 +38,8 @@ pub struct Gateway {
     /// Calls naming no configured aggregation, by RPC.
     unknown: [CallMetrics; 2],
     tracing: Option<Tracing>,
+    /// The largest answer to send (`[server] max_answer_bytes`).
+    pub max_answer_bytes: usize,
 }
 
 struct Aggregation {
@@ -152,6 +154,7 @@ impl Gateway {
                 .map(|rpc| metrics.calls(rpc, &Arc::from("unknown"))),
             metrics: metrics.clone(),
             tracing,
+            max_answer_bytes: config.server.max_answer_bytes,
         })
     }
 

@@ -15,7 +15,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed},
     },
     task::{Context, Poll},
     time::Duration,
@@ -36,16 +36,20 @@ use super::resets::ResetBudget;
 /// close its side, before the socket is dropped anyway.
 pub const LINGER: Duration = Duration::from_secs(2);
 
+/// How long an idle connection told to go away (GOAWAY) has to do so before
+/// it is closed: a client that never answers the GOAWAY's ping is not left
+/// to the keepalive.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
 /// What a listener allows each connection. `None` is no limit.
 #[derive(Clone, Default)]
 pub struct ConnPolicy {
     /// Connections open at once; more are closed as soon as accepted.
     pub max_connections: Option<usize>,
-    /// How long a new connection has to send `handshake_bytes` bytes.
+    /// How long a new connection has to complete its `handshake`.
     pub handshake_timeout: Option<Duration>,
-    /// What the client must send for its handshake to count as done (for
-    /// HTTP/2: the 24-byte preface and a frame header).
-    pub handshake_bytes: u64,
+    /// What the client must send for its handshake to count as done.
+    pub handshake: Handshake,
     /// A connection with no request in flight for this long is closed
     /// (gracefully: GOAWAY on HTTP/2).
     pub idle_timeout: Option<Duration>,
@@ -56,13 +60,36 @@ pub struct ConnPolicy {
     pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
+/// What a client must send before its connection counts as established.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Handshake {
+    /// Nothing (or TLS, whose own handshake is what is timed).
+    #[default]
+    None,
+    /// At least one byte: HTTP/1 and HTTP/2 alike (the metrics listener).
+    AnyByte,
+    /// The HTTP/2 connection preface and a whole SETTINGS frame after it.
+    Http2,
+}
+
+/// The 24-byte preface and the 9-byte header of the SETTINGS frame that follows.
+const H2_PREFIX: usize = 24 + 9;
+
+/// What has arrived of a handshake.
+#[derive(Debug)]
+struct Progress {
+    /// The first bytes, up to the SETTINGS frame's header.
+    head: [u8; H2_PREFIX],
+    read: u64,
+}
+
 /// One connection's live state, shared by its socket, its requests and the
 /// task that drives it.
 #[derive(Debug)]
 pub struct ConnState {
-    /// Bytes the client sent, counted until the handshake is done.
-    read: AtomicU64,
-    handshake_bytes: u64,
+    handshake: Handshake,
+    /// What the client sent, kept until the handshake is done.
+    progress: Mutex<Progress>,
     handshaken: AtomicBool,
     /// Requests in flight (until their answer has been sent or dropped).
     active: AtomicUsize,
@@ -77,9 +104,16 @@ pub struct ConnState {
 impl ConnState {
     fn new(policy: &ConnPolicy) -> Self {
         Self {
-            read: AtomicU64::new(0),
-            handshake_bytes: policy.handshake_bytes,
-            handshaken: AtomicBool::new(policy.handshake_bytes == 0),
+            handshake: policy.handshake,
+            progress: Mutex::new(Progress {
+                head: [0; H2_PREFIX],
+                read: 0,
+            }),
+            // Over TLS the bytes read are ciphertext: the TLS handshake is
+            // what is timed (in the accept loop).
+            handshaken: AtomicBool::new(
+                policy.handshake == Handshake::None || policy.tls.is_some(),
+            ),
             active: AtomicUsize::new(0),
             idle_since: Mutex::new(Instant::now()),
             resets: policy
@@ -90,12 +124,29 @@ impl ConnState {
         }
     }
 
-    fn on_read(&self, n: usize) {
-        if !self.handshaken.load(Relaxed) {
-            let read = self.read.fetch_add(n as u64, Relaxed) + n as u64;
-            if read >= self.handshake_bytes {
-                self.handshaken.store(true, Relaxed);
+    fn on_read(&self, bytes: &[u8]) {
+        if self.handshaken.load(Relaxed) || bytes.is_empty() {
+            return;
+        }
+        let mut progress = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        let at = progress.read as usize;
+        if at < H2_PREFIX {
+            let n = bytes.len().min(H2_PREFIX - at);
+            progress.head[at..at + n].copy_from_slice(&bytes[..n]);
+        }
+        progress.read += bytes.len() as u64;
+        let done = match self.handshake {
+            Handshake::None | Handshake::AnyByte => true,
+            Handshake::Http2 if progress.read < H2_PREFIX as u64 => false,
+            Handshake::Http2 => {
+                // The SETTINGS frame's 24-bit payload length.
+                let h = &progress.head[24..27];
+                let payload = u64::from(h[0]) << 16 | u64::from(h[1]) << 8 | u64::from(h[2]);
+                progress.read >= H2_PREFIX as u64 + payload
             }
+        };
+        if done {
+            self.handshaken.store(true, Relaxed);
         }
     }
 
@@ -165,7 +216,7 @@ impl AsyncRead for ConnIo {
         let before = buf.filled().len();
         let result = Pin::new(this.stream()).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = result {
-            this.state.on_read(buf.filled().len() - before);
+            this.state.on_read(&buf.filled()[before..]);
         }
         result
     }
@@ -420,6 +471,8 @@ async fn drive<C>(
     let mut conn = std::pin::pin!(conn);
     let opened = Instant::now();
     let mut finishing = false;
+    // Set once an idle connection has been asked to go.
+    let mut close_by: Option<Instant> = None;
     let far = || Instant::now() + Duration::from_secs(86_400);
     loop {
         let handshake_by = match policy.handshake_timeout {
@@ -442,6 +495,10 @@ async fn drive<C>(
                 conn.as_mut().graceful_shutdown();
             }
             () = abort.cancelled() => return,
+            () = tokio::time::sleep_until(close_by.unwrap_or_else(far)), if close_by.is_some() => {
+                tracing::debug!("closing an idle connection that did not go away");
+                return;
+            }
             () = state.cut.notified() => {
                 tracing::warn!(
                     "connection cut off: the client reset calls faster than max_resets_per_second allows"
@@ -459,6 +516,7 @@ async fn drive<C>(
                 if state.idle_deadline(idle).is_some_and(|at| at <= Instant::now()) {
                     tracing::debug!(?idle, "closing an idle connection");
                     finishing = true;
+                    close_by = Some(Instant::now() + CLOSE_GRACE);
                     conn.as_mut().graceful_shutdown();
                 }
             }

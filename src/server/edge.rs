@@ -6,7 +6,7 @@
 //! length a client declares). The answer is then bounded in time too
 //! ([`super::stream`]).
 
-use std::{convert::Infallible, pin::Pin, task::Poll, time::Duration};
+use std::{convert::Infallible, pin::Pin, sync::Arc, task::Poll, time::Duration};
 
 use bytes::{Buf, Bytes};
 use futures_util::future::BoxFuture;
@@ -14,6 +14,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body::{Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Status, body::Body, service::Routes};
 
 use super::stream;
@@ -24,10 +25,12 @@ use crate::{
 };
 
 /// Limits of reading a request and sending its answer.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct EdgeLimits {
     /// The largest request message accepted.
     pub max_request_bytes: usize,
+    /// Bytes of requests being received, gateway-wide: one permit a byte.
+    pub buffered: Arc<Semaphore>,
     /// How long a request may take to arrive when the caller set no deadline.
     pub request_read_timeout: Duration,
     /// How long an answer may take to reach the client once it is ready.
@@ -73,7 +76,7 @@ impl tower::Service<Request<Incoming>> for Edge {
             return Box::pin(std::future::ready(Ok(refusal.map(Rechunk::new))));
         }
         let deadline = stamp_deadline(&mut request);
-        let limits = self.limits;
+        let limits = self.limits.clone();
         let path = request.uri().path();
         if path.starts_with(AGGREGATOR_PREFIX) {
             let aggregator = self.aggregator.clone();
@@ -151,6 +154,10 @@ const HEADER: usize = 5;
 #[derive(Debug)]
 enum ReadError {
     TooLarge(Option<u64>),
+    /// More than the one message of a unary call.
+    Trailing,
+    /// The gateway holds `buffered` bytes of requests already.
+    Full,
     /// The client reset the stream or the connection failed.
     Body(hyper::Error),
 }
@@ -167,10 +174,20 @@ async fn unary(
     let read_by = deadline.map_or(read_timeout, |d| d.min(read_timeout));
     let read = tokio::time::timeout_at(
         read_by.instant(),
-        read_message(body, limits.max_request_bytes),
+        read_message(body, limits.max_request_bytes, &limits.buffered),
     );
     let message = match read.await {
-        Ok(Ok(message)) => message,
+        Ok(Ok((message, _held))) => message,
+        Ok(Err(ReadError::Trailing)) => {
+            return Ok(status(Status::invalid_argument(
+                "a unary call carries one request message; this one carried more",
+            )));
+        }
+        Ok(Err(ReadError::Full)) => {
+            let message = "the gateway is receiving as many request bytes as it holds \
+                           (max_buffered_request_bytes); try again";
+            return Ok(status(Status::resource_exhausted(message)));
+        }
         Ok(Err(ReadError::TooLarge(declared))) => {
             let max = limits.max_request_bytes;
             let message = match declared {
@@ -182,10 +199,11 @@ async fn unary(
             return Ok(status(Status::resource_exhausted(message)));
         }
         Ok(Err(ReadError::Body(error))) => {
+            // The client reset the stream (or the connection is gone): no
+            // answer can reach it. Waiting for hyper to drop this call lets
+            // the connection count it as reset, as the rapid-reset guard must.
             tracing::debug!(%error, "the request body failed");
-            return Ok(status(Status::cancelled(
-                "the request was not received whole",
-            )));
+            return std::future::pending().await;
         }
         Err(_) => {
             let message = match deadline {
@@ -211,30 +229,49 @@ fn status(status: Status) -> Response<Rechunk<Body>> {
 }
 
 /// Reads the body, refusing it as soon as it declares or sends more than
-/// one message of `max` bytes. Memory held is what has arrived.
-async fn read_message(body: Incoming, max: usize) -> Result<Bytes, ReadError> {
+/// one message of `max` bytes. Memory held is what has arrived, and counted
+/// against `buffered`, the gateway's bound on bytes being received; the
+/// permits are held as long as the returned ones.
+async fn read_message(
+    body: Incoming,
+    max: usize,
+    buffered: &Arc<Semaphore>,
+) -> Result<(Bytes, Option<OwnedSemaphorePermit>), ReadError> {
     let mut body = std::pin::pin!(body);
     let mut chunks: Vec<Bytes> = Vec::new();
     let mut len = 0usize;
-    let mut checked = false;
+    let mut declared: Option<u64> = None;
+    let mut held: Option<OwnedSemaphorePermit> = None;
     while let Some(frame) = body.frame().await {
         let Ok(data) = frame.map_err(ReadError::Body)?.into_data() else {
             continue;
         };
         len += data.len();
-        chunks.push(data);
         if len > max.saturating_add(HEADER) {
             return Err(ReadError::TooLarge(None));
         }
-        if !checked && len >= HEADER {
-            checked = true;
-            let declared = declared_length(&chunks);
-            if declared > max as u64 {
-                return Err(ReadError::TooLarge(Some(declared)));
+        let more = u32::try_from(data.len()).map_err(|_| ReadError::TooLarge(None))?;
+        let permit = buffered
+            .clone()
+            .try_acquire_many_owned(more)
+            .map_err(|_| ReadError::Full)?;
+        match &mut held {
+            Some(held) => held.merge(permit),
+            None => held = Some(permit),
+        }
+        chunks.push(data);
+        if declared.is_none() && len >= HEADER {
+            let length = declared_length(&chunks);
+            if length > max as u64 {
+                return Err(ReadError::TooLarge(Some(length)));
             }
+            declared = Some(length);
+        }
+        if declared.is_some_and(|d| len as u64 > HEADER as u64 + d) {
+            return Err(ReadError::Trailing);
         }
     }
-    Ok(match chunks.len() {
+    let message = match chunks.len() {
         1 => chunks.pop().unwrap_or_default(),
         _ => {
             let mut all = Vec::with_capacity(len);
@@ -243,7 +280,8 @@ async fn read_message(body: Incoming, max: usize) -> Result<Bytes, ReadError> {
             }
             Bytes::from(all)
         }
-    })
+    };
+    Ok((message, held))
 }
 
 /// The message length in the first five bytes, which may span chunks.

@@ -35,7 +35,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
-pub use self::conn::{ConnPolicy, accept_loop};
+pub use self::conn::{ConnPolicy, Handshake, accept_loop};
 use self::{
     edge::{Edge, EdgeLimits},
     resets::ResetBudget,
@@ -52,10 +52,6 @@ use crate::{
 };
 
 pub use crate::health::SERVICE_NAME;
-
-/// What a client must send before its HTTP/2 handshake counts as done: the
-/// 24-byte connection preface and the header of its SETTINGS frame.
-const H2_HANDSHAKE_BYTES: u64 = 24 + 9;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -118,6 +114,9 @@ pub async fn run_with_metrics(
         .prepare();
     let limits = EdgeLimits {
         max_request_bytes: server.max_request_bytes,
+        buffered: Arc::new(tokio::sync::Semaphore::new(
+            server.max_buffered_request_bytes,
+        )),
         request_read_timeout: server.request_read_timeout,
         send_timeout: server.send_timeout,
     };
@@ -153,7 +152,7 @@ fn grpc_policy(server: &ServerSpec) -> ConnPolicy {
     ConnPolicy {
         max_connections: Some(server.max_connections),
         handshake_timeout: Some(server.handshake_timeout),
-        handshake_bytes: H2_HANDSHAKE_BYTES,
+        handshake: Handshake::Http2,
         idle_timeout: Some(server.idle_timeout),
         resets: Some(ResetBudget {
             per_second: server.max_resets_per_second,
@@ -168,7 +167,7 @@ fn grpc_policy(server: &ServerSpec) -> ConnPolicy {
 /// head.
 fn metrics_policy(server: &ServerSpec) -> ConnPolicy {
     ConnPolicy {
-        handshake_bytes: 1,
+        handshake: Handshake::AnyByte,
         resets: None,
         // Scrapers speak plain HTTP on the metrics listener.
         tls: None,

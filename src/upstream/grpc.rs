@@ -118,14 +118,19 @@ impl GrpcUpstream {
         let Some(grpc) = self.grpc() else {
             return Err(SourceError::Schema("not a gRPC source".into()));
         };
-        // Boxed: the reflection exchange is a large future needed once, and
-        // inline it would weigh on every call in flight.
+        // Owned: the lookup runs on a task of its own. Boxed: it is a large
+        // future needed once, and inline it would weigh on every call.
+        let (channel, service, method) = (
+            self.channel.clone(),
+            grpc.service.clone(),
+            grpc.method.clone(),
+        );
+        let template = grpc.request.clone();
         self.schema
-            .get_or_lookup(|| {
-                Box::pin(async {
-                    let s =
-                        schema::resolve(self.channel.clone(), &grpc.service, &grpc.method).await?;
-                    schema::check_template(&grpc.request, &s.input).map_err(SourceError::Schema)?;
+            .get_or_lookup(move || {
+                Box::pin(async move {
+                    let s = schema::resolve(channel, &service, &method).await?;
+                    schema::check_template(&template, &s.input).map_err(SourceError::Schema)?;
                     Ok(s)
                 })
             })

@@ -1326,3 +1326,29 @@ impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::Tra
         Ok(tonic::Response::new(Default::default()))
     }
 }
+
+/// A gRPC upstream that takes every call and never answers, counting the
+/// paths it is asked for (its reflection service hangs too).
+pub async fn grpc_hanging() -> Running {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log = Log::default();
+    let stop = CancellationToken::new();
+    let paths = log.paths.clone();
+    let service = tower::service_fn(move |req: Request<Incoming>| {
+        paths.lock().unwrap().push(req.uri().path().to_owned());
+        async move {
+            std::future::pending::<()>().await;
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+        }
+    });
+    tokio::spawn(serve_h2(
+        listener,
+        service,
+        H2Limits::default(),
+        ConnPolicy::default(),
+        stop.clone().cancelled_owned(),
+        Duration::ZERO,
+    ));
+    Running { addr, log, stop }
+}
