@@ -2,7 +2,9 @@
 //! `aggregator.v1.Aggregator` for the server, and one service per
 //! aggregation, `aggregator.v1.Aggregator/<name>`, NOT_SERVING while the
 //! circuit of one of its required sources is open (so `Watch` streams each
-//! change), and everything NOT_SERVING once shutdown begins.
+//! change), and everything NOT_SERVING once shutdown begins. A reload
+//! follows the new config's aggregations: new ones are reported, removed
+//! ones are no longer known.
 
 use futures_util::future::select_all;
 use tokio::{sync::watch, task::JoinSet};
@@ -17,6 +19,8 @@ pub struct Health {
     reporter: HealthReporter,
     aggregations: Vec<String>,
     watchers: JoinSet<()>,
+    /// Once shutdown has begun, a reload must not report SERVING again.
+    stopping: bool,
 }
 
 impl Health {
@@ -25,25 +29,45 @@ impl Health {
         reporter
             .set_service_status(SERVICE_NAME, ServingStatus::Serving)
             .await;
+        let mut health = Self {
+            reporter,
+            aggregations: Vec::new(),
+            watchers: JoinSet::new(),
+            stopping: false,
+        };
+        health.follow(gateway).await;
+        health
+    }
+
+    /// Follows `gateway` (a reloaded config) from now on.
+    pub async fn follow(&mut self, gateway: &Gateway) {
+        if self.stopping {
+            return;
+        }
+        self.watchers.shutdown().await;
         let mut aggregations = Vec::new();
-        let mut watchers = JoinSet::new();
         for (name, breakers) in gateway.required_breakers() {
             let service = format!("{SERVICE_NAME}/{name}");
-            report(&reporter, &service, &breakers).await;
+            report(&self.reporter, &service, &breakers).await;
             if !breakers.is_empty() {
-                watchers.spawn(follow(reporter.clone(), service.clone(), breakers));
+                self.watchers
+                    .spawn(follow(self.reporter.clone(), service.clone(), breakers));
             }
             aggregations.push(service);
         }
-        Self {
-            reporter,
-            aggregations,
-            watchers,
+        for gone in self
+            .aggregations
+            .iter()
+            .filter(|s| !aggregations.contains(s))
+        {
+            self.reporter.clear_service_status(gone).await;
         }
+        self.aggregations = aggregations;
     }
 
     /// Shutdown has begun: stop following breakers, report NOT_SERVING.
-    pub async fn shut_down(mut self) {
+    pub async fn shut_down(&mut self) {
+        self.stopping = true;
         self.watchers.shutdown().await;
         let all = ["", SERVICE_NAME]
             .into_iter()

@@ -4,6 +4,7 @@
 //!
 //! # Layout
 //!
+//! - [`check`]: `aggregator check`: warnings about valid configs, probes.
 //! - [`config`]: the TOML model and its validation into runtime specs;
 //!   templates are compiled there, once.
 //! - [`template`]: `{param}` placeholders and their context-aware escaping.
@@ -12,6 +13,8 @@
 //!   in: connections (cap, timeouts, lingering close), requests per
 //!   connection (idle, rapid resets), each stream's send bound, the gRPC
 //!   edge (content type, deadline, reading the request within its limits).
+//! - [`signals`]: SIGTERM/SIGINT (drain, then exit), SIGHUP and `--watch`
+//!   (reload).
 //! - [`health`]: `grpc.health.v1` statuses, per aggregation from breakers.
 //! - [`api`]: the `Aggregate` / `FetchAll` handlers, protobuf <-> domain.
 //! - [`gateway`]: resolves an aggregation, checks params, computes the deadline.
@@ -30,6 +33,7 @@
 //! - [`pb`]: generated protobuf code.
 
 pub mod api;
+pub mod check;
 pub mod config;
 pub mod deadline;
 pub mod demo;
@@ -41,6 +45,7 @@ pub mod pb;
 pub mod request_id;
 pub mod resilience;
 pub mod server;
+pub mod signals;
 pub mod telemetry;
 pub mod template;
 pub mod upstream;

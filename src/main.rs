@@ -1,15 +1,15 @@
-//! Thin entry point: arguments, config, tracing, bind, `server::run`.
+//! Thin entry point: arguments, config, tracing, bind, `server::run_with`.
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use aggregator::{config::Config, demo, server, telemetry};
+use aggregator::{check, demo, server, signals, telemetry};
 use clap::{CommandFactory, Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// A gRPC aggregation gateway. With no --config, serves a built-in demo.
 #[derive(Parser)]
-#[command(version)]
+#[command(version, after_help = AFTER_HELP)]
 struct Cli {
     /// Config file (TOML). Without it, demo upstreams start on loopback.
     #[arg(long)]
@@ -18,6 +18,9 @@ struct Cli {
     /// (default 127.0.0.1:50051); port 0 picks a free one.
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Reload the config whenever the file changes (as on SIGHUP).
+    #[arg(long, requires = "config")]
+    watch: bool,
     /// Log output: human-readable text or one JSON object per line.
     #[arg(long, value_enum, default_value_t, global = true)]
     log_format: telemetry::LogFormat,
@@ -25,8 +28,43 @@ struct Cli {
     command: Option<Command>,
 }
 
+const AFTER_HELP: &str = "\
+Serving:
+  gRPC on [server] listen (default 127.0.0.1:50051), or --listen.
+  Prometheus metrics at http://ADDR/metrics when [server] metrics_listen is set.
+  Health (grpc.health.v1) and reflection on the gRPC port.
+
+Signals:
+  SIGTERM, SIGINT  health turns NOT_SERVING, serving goes on for
+                   [server] shutdown_delay, then in-flight calls drain
+                   (up to [server] drain_timeout); a second signal exits at once
+  SIGHUP           reload the config; a config that fails keeps the old one
+
+Logs go to stderr; RUST_LOG filters them (default: info), e.g.
+  RUST_LOG=aggregator=debug,h2=warn
+
+Every config key is documented in README.md (\"Configuration\"), with an
+annotated example in examples/gateway.toml. Check a config with
+  aggregator check --config FILE [--probe] [--strict]";
+
 #[derive(Subcommand)]
 enum Command {
+    /// Validate a config as startup does, without binding, and warn about
+    /// what it probably does not mean. Exit 0 if fine, 1 on errors.
+    Check {
+        /// Config file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// Also connect to every upstream, resolve gRPC schemas and run health checks.
+        #[arg(long)]
+        probe: bool,
+        /// Exit 1 on warnings too.
+        #[arg(long)]
+        strict: bool,
+        /// Bound on each probe of each source.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+        probe_timeout: Duration,
+    },
     /// Run only the demo upstreams (for benchmarks and for trying configs).
     DemoUpstreams {
         /// Address of the gRPC demo.v1.Profiles upstream.
@@ -44,16 +82,33 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    if cli.command.is_some() && (cli.config.is_some() || cli.listen.is_some()) {
+    if cli.command.is_some() && (cli.config.is_some() || cli.listen.is_some() || cli.watch) {
         // Silently ignoring them would leave the user debugging the wrong thing.
         Cli::command()
             .error(
                 clap::error::ErrorKind::ArgumentConflict,
-                "--config and --listen are for the gateway; demo-upstreams takes --grpc, --http and --delay",
+                "--config, --listen and --watch are for the gateway; give a subcommand its own options (see its --help)",
             )
             .exit();
     }
     telemetry::init(cli.log_format);
+    if let Some(Command::Check {
+        config,
+        probe,
+        strict,
+        probe_timeout,
+    }) = &cli.command
+    {
+        let options = check::Options {
+            probe: *probe,
+            strict: *strict,
+            timeout: *probe_timeout,
+        };
+        return match check::run(config, options, &mut std::io::stdout()).await {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) | Err(_) => ExitCode::FAILURE,
+        };
+    }
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -65,7 +120,7 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let stop = CancellationToken::new();
-    tokio::spawn(signal(stop.clone()));
+    signals::on_shutdown(stop.clone())?;
     if let Some(Command::DemoUpstreams { grpc, http, delay }) = cli.command {
         let (grpc, http) = (
             TcpListener::bind(grpc).await?,
@@ -75,9 +130,11 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         demo::serve(grpc, http, delay, stop.cancelled_owned()).await?;
         return Ok(());
     }
-    let mut config = match &cli.config {
+    // Before the first load, so that a change made while it runs is seen.
+    let reloads = signals::reloads(cli.config.clone(), cli.listen, cli.watch)?;
+    let config = match &cli.config {
         Some(path) => {
-            let config = Config::load(path)?;
+            let config = signals::load(path, cli.listen)?;
             let (sources, aggregations) = (config.sources.len(), config.aggregations.len());
             tracing::info!(config = %path.display(), sources, aggregations, "config loaded");
             if aggregations == 0 {
@@ -96,12 +153,13 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 Duration::ZERO,
                 stop.clone().cancelled_owned(),
             ));
+            let mut config = config;
+            if let Some(listen) = cli.listen {
+                config.server.listen = listen;
+            }
             config
         }
     };
-    if let Some(listen) = cli.listen {
-        config.server.listen = listen;
-    }
     let listener = TcpListener::bind(config.server.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
@@ -122,24 +180,14 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             "try: grpcurl -plaintext -d '{{\"aggregation\":\"user_dashboard\",\"params\":{{\"user_id\":\"42\"}}}}' {addr} aggregator.v1.Aggregator/Aggregate"
         );
     }
-    server::run_with_metrics(listener, metrics, config, stop.cancelled_owned()).await?;
+    server::run_with(
+        listener,
+        metrics,
+        config,
+        stop.cancelled_owned(),
+        Some(reloads),
+    )
+    .await?;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Completes `stop` on SIGTERM or SIGINT.
-async fn signal(stop: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    stop.cancel();
 }

@@ -124,3 +124,74 @@ async fn the_binary_answers_every_call_in_flight_at_sigterm() {
         assert_eq!(gateway.wait(Duration::from_secs(30)).await, Some(0));
     }
 }
+
+fn dash() -> AggregateRequest {
+    AggregateRequest {
+        aggregation: "dash".into(),
+        params: params(&[("user_id", "7")]),
+    }
+}
+
+async fn gateway_with_shutdown_delay(upstream: &Running, delay: &str) -> Gateway {
+    Gateway::start(&format!(
+        "[server]\nshutdown_delay = \"{delay}\"\n{}{}",
+        http_source("s", upstream, "/u/{user_id}"),
+        aggregation("dash", &["s"], "")
+    ))
+    .await
+}
+
+#[tokio::test]
+async fn during_the_shutdown_delay_health_is_not_serving_and_new_connections_are_served() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let upstream = Upstream::http().start().await;
+    // Far longer than the test: it ends while the gateway still waits.
+    let gateway = gateway_with_shutdown_delay(&upstream, "1h").await;
+    let mut health = HealthClient::new(gateway.channel().await);
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next = async || {
+        let message = tokio::time::timeout(Duration::from_secs(30), watch.message()).await;
+        ServingStatus::try_from(message.unwrap().unwrap().unwrap().status).unwrap()
+    };
+    assert_eq!(next().await, ServingStatus::Serving);
+
+    gateway.signal_stop();
+    assert_eq!(next().await, ServingStatus::NotServing);
+    // A client that has not heard yet still connects and is served.
+    let mut late = gateway.client().await;
+    late.aggregate(dash()).await.unwrap();
+    let dash_health = health
+        .check(HealthCheckRequest {
+            service: "aggregator.v1.Aggregator/dash".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(dash_health.status, ServingStatus::NotServing as i32);
+}
+
+#[tokio::test]
+async fn after_the_shutdown_delay_it_stops_accepting() {
+    let upstream = Upstream::http().start().await;
+    let gateway = gateway_with_shutdown_delay(&upstream, "300ms").await;
+    let addr = gateway.addr;
+    gateway.client().await.aggregate(dash()).await.unwrap();
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(30), gateway.stop())
+        .await
+        .expect("run returns after the delay");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(300),
+        "stopped before the delay: {took:?}"
+    );
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}

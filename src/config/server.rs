@@ -24,6 +24,8 @@ pub(super) struct ServerModel {
     listen: SocketAddr,
     #[serde(with = "humantime_serde")]
     drain_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    shutdown_delay: Duration,
     max_concurrent_calls: Option<usize>,
     #[serde(with = "humantime_serde")]
     queue_timeout: Option<Duration>,
@@ -57,6 +59,7 @@ impl Default for ServerModel {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             drain_timeout: Duration::from_secs(10),
+            shutdown_delay: Duration::ZERO,
             max_concurrent_calls: None,
             queue_timeout: None,
             metrics_listen: None,
@@ -86,6 +89,9 @@ pub struct ServerSpec {
     pub listen: SocketAddr,
     /// How long in-flight calls may run after a shutdown signal.
     pub drain_timeout: Duration,
+    /// After a shutdown signal, how long to keep accepting and serving with
+    /// health NOT_SERVING, so that load balancers stop sending first.
+    pub shutdown_delay: Duration,
     /// Gateway-wide cap on concurrent `Aggregate`/`FetchAll` calls.
     pub max_concurrent_calls: Option<Limit>,
     /// Where to serve Prometheus metrics, if anywhere.
@@ -164,6 +170,7 @@ impl Validator<'_> {
         Ok(ServerSpec {
             listen: model.listen,
             drain_timeout: model.drain_timeout,
+            shutdown_delay: model.shutdown_delay,
             max_concurrent_calls,
             metrics_listen: model.metrics_listen,
             max_connections: model.max_connections,

@@ -50,6 +50,8 @@ pub struct ListenerTls {
     pub mutual: bool,
     /// What it was made from, to tell a changed one on reload.
     pub files: Vec<PathBuf>,
+    /// Of the files' contents: a certificate renewed in place is a change.
+    pub fingerprint: u64,
 }
 
 impl std::fmt::Debug for ListenerTls {
@@ -211,10 +213,20 @@ impl Validator<'_> {
             .map_err(|e| self.err(format!("{table}.key"), e.to_string()))?;
         // gRPC is HTTP/2.
         config.alpn_protocols = vec![b"h2".to_vec()];
+        let fingerprint = {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            for file in &files {
+                file.hash(&mut hasher);
+                std::fs::read(file).unwrap_or_default().hash(&mut hasher);
+            }
+            hasher.finish()
+        };
         Ok(Some(ListenerTls {
             config: Arc::new(config),
             mutual: model.client_ca.is_some(),
             files,
+            fingerprint,
         }))
     }
 

@@ -148,7 +148,15 @@ impl Gateway {
         Ok(Self {
             aggregations,
             sources: all,
-            calls: config.server.max_concurrent_calls.map(Bulkhead::new),
+            // The same cap keeps its slots: calls in flight across a reload
+            // still count against it.
+            calls: match (
+                previous.and_then(|p| p.calls.as_ref()),
+                config.server.max_concurrent_calls,
+            ) {
+                (Some(old), Some(limit)) if old.limit() == limit => Some(old.clone()),
+                (_, limit) => limit.map(Bulkhead::new),
+            },
             _health_checks: health_checks,
             unknown: [Rpc::Aggregate, Rpc::FetchAll]
                 .map(|rpc| metrics.calls(rpc, &Arc::from("unknown"))),
@@ -241,6 +249,14 @@ impl Gateway {
 impl Gateway {
     pub fn sources(&self) -> &[Arc<Source>] {
         &self.sources
+    }
+
+    /// How many of its sources it carried over from `old`.
+    pub fn kept_from(&self, old: &Gateway) -> usize {
+        self.sources
+            .iter()
+            .filter(|s| old.sources.iter().any(|o| Arc::ptr_eq(s, o)))
+            .count()
     }
 
     /// Each aggregation's name with the open-state of its required sources'

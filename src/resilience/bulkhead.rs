@@ -9,7 +9,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::{config::Limit, deadline::Deadline};
 
-#[derive(Debug)]
+/// Clones share the slots.
+#[derive(Debug, Clone)]
 pub struct Bulkhead {
     slots: Arc<Semaphore>,
     limit: Limit,
@@ -55,6 +56,10 @@ impl Bulkhead {
     }
 
     /// Slots taken right now.
+    pub fn limit(&self) -> Limit {
+        self.limit
+    }
+
     pub fn in_flight(&self) -> usize {
         self.limit.max - self.slots.available_permits()
     }

@@ -17,6 +17,7 @@
 
 pub mod conn;
 pub mod edge;
+pub mod reload;
 pub mod resets;
 pub mod stream;
 pub mod track;
@@ -36,8 +37,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
 pub use self::conn::{ConnPolicy, Handshake, accept_loop};
+pub use self::reload::{Reload, Reloads};
 use self::{
     edge::{Edge, EdgeLimits},
+    reload::Reloader,
     resets::ResetBudget,
     stream::StreamExecutor,
     track::Track,
@@ -82,6 +85,17 @@ pub async fn run_with_metrics(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    run_with(listener, metrics, config, shutdown, None).await
+}
+
+/// [`run_with_metrics`], putting in force each config sent on `reloads`.
+pub async fn run_with(
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    reloads: Option<Reloads>,
+) -> Result<(), ServeError> {
     let server = &config.server;
     let registry = Metrics::default();
     let tracing = Tracing::start(&config.telemetry, registry.trace_export_failures())?;
@@ -100,7 +114,20 @@ pub async fn run_with_metrics(
     }
     let _stop_metrics = stop_metrics.drop_guard();
     let (reporter, health_service) = tonic_health::server::health_reporter();
-    let health = Health::start(reporter, &gateway.load()).await;
+    let health = Arc::new(tokio::sync::Mutex::new(
+        Health::start(reporter, &gateway.load()).await,
+    ));
+    let reloading = reloads.map(|reloads| {
+        let reloader = Reloader {
+            current: gateway.clone(),
+            metrics: registry.clone(),
+            tracing: tracing.clone(),
+            health: health.clone(),
+            server: server.clone(),
+            telemetry: config.telemetry.clone(),
+        };
+        tokio::spawn(reloader.run(reloads)).abort_handle()
+    });
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(AGGREGATOR_DESCRIPTOR)
@@ -122,10 +149,20 @@ pub async fn run_with_metrics(
     };
     let service = Edge::new(AggregatorApi::new(gateway), others, limits);
 
+    let shutdown_delay = server.shutdown_delay;
     let announce_stop = async {
         shutdown.await;
-        health.shut_down().await;
-        tracing::info!("shutting down: health is NOT_SERVING, draining in-flight calls");
+        health.lock().await.shut_down().await;
+        if !shutdown_delay.is_zero() {
+            // Still accepting and serving, while load balancers see the
+            // NOT_SERVING and stop sending.
+            tracing::info!(
+                ?shutdown_delay,
+                "shutting down: health is NOT_SERVING, still serving"
+            );
+            tokio::time::sleep(shutdown_delay).await;
+        }
+        tracing::info!("shutting down: no longer accepting, draining in-flight calls");
     };
     let h2 = H2Limits {
         max_concurrent_streams: Some(server.max_concurrent_streams),
@@ -141,6 +178,9 @@ pub async fn run_with_metrics(
         server.drain_timeout,
     )
     .await;
+    if let Some(reloading) = reloading {
+        reloading.abort();
+    }
     if let Some(tracing) = tracing {
         // Sends the spans still queued; blocks, so not on a runtime thread.
         let _ = tokio::task::spawn_blocking(move || tracing.shutdown()).await;

@@ -22,6 +22,9 @@ use crate::{
 
 pub struct GrpcUpstream {
     spec: Arc<SourceSpec>,
+    /// Kept for `aggregator check --probe`, which dials a connection of its
+    /// own. Boxed: large, and never needed by calls.
+    endpoint: Box<Endpoint>,
     channel: Channel,
     schema: Lookup<schema::MethodSchema>,
 }
@@ -74,6 +77,7 @@ impl GrpcUpstream {
         Ok(Self {
             spec,
             channel: endpoint.connect_lazy(),
+            endpoint: Box::new(endpoint),
             schema: Lookup::new(grpc.schema.clone()),
         })
     }
@@ -112,9 +116,18 @@ impl GrpcUpstream {
         self.schema.get()
     }
 
+    /// Dials the upstream (TCP, TLS, HTTP/2 handshake) on a connection of
+    /// its own.
+    pub async fn connect(&self) -> Result<(), SourceError> {
+        match self.endpoint.connect().await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(SourceError::from_transport(&e)),
+        }
+    }
+
     /// The method's schema; learned by reflection on first use, one lookup
     /// at a time and backed off after failures ([`Lookup`]).
-    async fn schema(&self) -> Result<&schema::MethodSchema, SourceError> {
+    pub async fn schema(&self) -> Result<&schema::MethodSchema, SourceError> {
         let Some(grpc) = self.grpc() else {
             return Err(SourceError::Schema("not a gRPC source".into()));
         };

@@ -39,6 +39,8 @@ pub struct HttpUpstream {
     /// Health checks have a connection of their own: a saturated pool must
     /// not read as an unhealthy upstream.
     checks: Client<Connector, Full<Bytes>>,
+    /// For `aggregator check --probe`, which dials a connection of its own.
+    dialer: Connector,
 }
 
 impl HttpUpstream {
@@ -68,6 +70,7 @@ impl HttpUpstream {
             .pool_max_idle_per_host(1)
             .build(connector(1));
         Self {
+            dialer: connector(1),
             client,
             slots: Arc::new(Semaphore::new(pool.max_connections)),
             max_connections: pool.max_connections,
@@ -87,6 +90,18 @@ impl HttpUpstream {
             return Err(SourceError::NoConnection(self.max_connections));
         };
         send(&self.client, request, limit).await
+    }
+
+    /// Opens a connection (TCP, then TLS for https) to `origin`.
+    pub async fn connect(&self, origin: &str) -> Result<(), SourceError> {
+        use tower::ServiceExt as _;
+        let uri: http::Uri = origin
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| SourceError::from_transport(&e))?;
+        match self.dialer.clone().oneshot(uri).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(SourceError::from_transport(&*e)),
+        }
     }
 
     /// Whether a GET of `uri` answers 2xx; the reason when not.

@@ -9,6 +9,7 @@ pub mod http;
 pub mod lookup;
 pub mod pool;
 pub mod prepared;
+mod probe;
 pub mod schema;
 mod send;
 
@@ -23,7 +24,7 @@ use std::{
 use tokio::time::Instant;
 
 use crate::{
-    config::{HealthTarget, SourceKind, SourceSpec},
+    config::{SourceKind, SourceSpec},
     deadline::Deadline,
     error::SourceError,
     resilience::{
@@ -138,17 +139,7 @@ impl Source {
         let mut was_healthy = true;
         loop {
             ticks.tick().await;
-            let probe = async {
-                match (&self.client, &check.target) {
-                    (Client::Grpc(g), HealthTarget::Grpc { service }) => {
-                        g.check_health(service).await
-                    }
-                    (Client::Http(c), HealthTarget::Http(uri)) => c.check_health(uri).await,
-                    // Validated with the source's kind; never a verdict.
-                    _ => Ok(()),
-                }
-            };
-            let verdict = tokio::time::timeout(check.timeout, probe)
+            let verdict = tokio::time::timeout(check.timeout, self.probe_health())
                 .await
                 .unwrap_or_else(|_| Err(format!("no answer within {:?}", check.timeout)));
             let healthy = verdict.is_ok();

@@ -312,17 +312,11 @@ impl GrpcUpstream {
             tls: self.tls.clone(),
             ..ConnPolicy::default()
         };
-        let mut routes = Routes::new(ProfilesServer::new(TestProfiles {
+        let routes = Routes::new(ProfilesServer::new(TestProfiles {
             behaviour: self,
             log: log.clone(),
         }));
-        if !no_reflection {
-            let reflection = tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(DEMO_DESCRIPTOR)
-                .build_v1()
-                .unwrap();
-            routes = routes.add_service(reflection);
-        }
+        let routes = with_health_and_reflection(routes, no_reflection).await;
         let (routes, paths) = (routes.prepare(), log.paths.clone());
         let service = tower::service_fn(move |req: Request<Incoming>| {
             paths.lock().unwrap().push(req.uri().path().to_owned());
@@ -339,6 +333,24 @@ impl GrpcUpstream {
         ));
         Running { addr, log, stop }
     }
+}
+
+/// `grpc.health.v1` (SERVING for `demo.v1.Profiles`) and, unless told not
+/// to, reflection next to the upstream's own service.
+async fn with_health_and_reflection(mut routes: Routes, no_reflection: bool) -> Routes {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("demo.v1.Profiles", tonic_health::ServingStatus::Serving)
+        .await;
+    routes = routes.add_service(health);
+    if !no_reflection {
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(DEMO_DESCRIPTOR)
+            .build_v1()
+            .unwrap();
+        routes = routes.add_service(reflection);
+    }
+    routes
 }
 
 struct TestProfiles {
@@ -581,6 +593,7 @@ pub struct Gateway {
     pub addr: SocketAddr,
     stop: CancellationToken,
     task: Option<JoinHandle<()>>,
+    reloads: tokio::sync::mpsc::Sender<aggregator::server::Reload>,
 }
 
 impl Gateway {
@@ -608,12 +621,14 @@ impl Gateway {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
+        let (reloads, received) = tokio::sync::mpsc::channel(1);
         let task = tokio::spawn(
-            aggregator::server::run_with_metrics(
+            aggregator::server::run_with(
                 listener,
                 metrics,
                 config,
                 stop.clone().cancelled_owned(),
+                Some(received),
             )
             .map(|r| r.expect("server failed")),
         );
@@ -621,7 +636,21 @@ impl Gateway {
             addr,
             stop,
             task: Some(task),
+            reloads,
         }
+    }
+
+    /// Puts `toml` in force as SIGHUP would (or fails to, if it is not a
+    /// valid config); returns once the server has applied or refused it.
+    pub async fn reload(&self, toml: &str) -> Result<(), String> {
+        let config = Config::parse(toml, "test config", Path::new(env!("CARGO_MANIFEST_DIR")));
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        let reload = aggregator::server::Reload {
+            config,
+            done: Some(done),
+        };
+        self.reloads.send(reload).await.expect("the server stopped");
+        outcome.await.expect("the server dropped the reload")
     }
 
     pub fn endpoint(&self) -> String {
@@ -827,11 +856,33 @@ impl Process {
         within: Duration,
         mut cond: impl FnMut(&str) -> bool,
     ) -> Option<String> {
+        self.wait_until(within, |lines| lines.iter().find(|l| cond(l)).cloned())
+            .await
+    }
+
+    /// Waits until `n` lines of its stderr satisfy `cond`.
+    pub async fn wait_for_lines(
+        &self,
+        within: Duration,
+        n: usize,
+        mut cond: impl FnMut(&str) -> bool,
+    ) -> bool {
+        let enough =
+            |lines: &[String]| (lines.iter().filter(|l| cond(l)).count() >= n).then_some(());
+        self.wait_until(within, enough).await.is_some()
+    }
+
+    async fn wait_until<T>(
+        &self,
+        within: Duration,
+        mut found: impl FnMut(&[String]) -> Option<T>,
+    ) -> Option<T> {
         let search = async {
             loop {
+                // Created before looking: a line added meanwhile still wakes it.
                 let added = self.line_added.notified();
-                if let Some(line) = self.lines.lock().unwrap().iter().find(|l| cond(l)) {
-                    return line.clone();
+                if let Some(found) = found(&self.lines.lock().unwrap()) {
+                    return found;
                 }
                 added.await;
             }
@@ -859,12 +910,22 @@ impl Process {
 
     /// Sends SIGTERM.
     pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends the signal named `name` (`TERM`, `HUP`...).
+    pub fn signal(&self, name: &str) {
         let pid = self.child.id().expect("still running");
         let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
+            .args([&format!("-{name}"), &pid.to_string()])
             .status()
             .unwrap();
         assert!(status.success());
+    }
+
+    /// The config file it was started with (by [`Process::start`]).
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self._dir.0.join("gateway.toml")
     }
 
     /// Waits for it to exit; returns its exit code.
@@ -961,18 +1022,12 @@ impl GrpcUpstream {
         let log = Log::default();
         let stop = CancellationToken::new();
         let no_reflection = self.no_reflection;
-        let mut routes = Routes::new(ProfilesServer::new(GatedProfiles {
+        let routes = Routes::new(ProfilesServer::new(GatedProfiles {
             behaviour: self,
             log: log.clone(),
             gate: gate.clone(),
         }));
-        if !no_reflection {
-            let reflection = tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(DEMO_DESCRIPTOR)
-                .build_v1()
-                .unwrap();
-            routes = routes.add_service(reflection);
-        }
+        let routes = with_health_and_reflection(routes, no_reflection).await;
         tokio::spawn(serve_h2(
             listener,
             routes.prepare(),

@@ -1,0 +1,158 @@
+//! Hot reload: a new config is parsed, validated and built into a whole new
+//! gateway before anything changes; then it is put in force at once. Calls
+//! take the gateway in force when they arrive and keep it to the end, so
+//! in-flight calls finish under the config they started with. Sources whose
+//! definition did not change are carried over with their connections,
+//! breakers, budgets and coalescing state. A config that fails to load or
+//! build changes nothing: the old one keeps serving and the error is logged
+//! (file and key). What the listeners were made from needs a restart; the
+//! reload says which keys it left unchanged.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+use crate::{
+    config::{Config, ConfigError, ServerSpec, TelemetrySpec},
+    gateway::Gateway,
+    health::Health,
+    telemetry::{metrics::Metrics, traces::Tracing},
+};
+
+/// A config to put in force (or the error loading it), and where to say how
+/// it went.
+pub struct Reload {
+    pub config: Result<Config, ConfigError>,
+    pub done: Option<oneshot::Sender<Result<(), String>>>,
+}
+
+/// Sends reloads to a running server.
+pub type Reloads = mpsc::Receiver<Reload>;
+
+pub(super) struct Reloader {
+    pub current: Arc<ArcSwap<Gateway>>,
+    pub metrics: Metrics,
+    pub tracing: Option<Tracing>,
+    pub health: Arc<Mutex<Health>>,
+    /// What the running listeners were made from.
+    pub server: ServerSpec,
+    pub telemetry: TelemetrySpec,
+}
+
+impl Reloader {
+    pub async fn run(self, mut reloads: Reloads) {
+        while let Some(Reload { config, done }) = reloads.recv().await {
+            let outcome = self.apply(config).await;
+            self.metrics.reloaded(outcome.is_ok());
+            if let Some(done) = done {
+                let _ = done.send(outcome);
+            }
+        }
+    }
+
+    async fn apply(&self, config: Result<Config, ConfigError>) -> Result<(), String> {
+        let config = config.map_err(|error| {
+            tracing::error!(%error, "config reload failed: the config in force is kept");
+            error.to_string()
+        })?;
+        let old = self.current.load_full();
+        let gateway = Gateway::build(&config, &self.metrics, self.tracing.clone(), Some(&old))
+            .map_err(|error| {
+                tracing::error!(%error, "config reload failed: the config in force is kept");
+                error.to_string()
+            })?;
+        let kept = gateway.kept_from(&old);
+        self.current.store(Arc::new(gateway));
+        self.health.lock().await.follow(&self.current.load()).await;
+        let unchanged = self.needs_restart(&config);
+        if !unchanged.is_empty() {
+            tracing::warn!(
+                keys = %unchanged.join(", "),
+                "config reloaded, but these need a restart and keep their old values"
+            );
+        }
+        tracing::info!(
+            sources = config.sources.len(),
+            aggregations = config.aggregations.len(),
+            sources_kept = kept,
+            "config reloaded"
+        );
+        Ok(())
+    }
+
+    /// The keys the running listeners (and the trace exporter) were built
+    /// from that the new config changes.
+    fn needs_restart(&self, config: &Config) -> Vec<&'static str> {
+        let (old, new) = (&self.server, &config.server);
+        let mut keys = Vec::new();
+        let mut check = |key: &'static str, changed: bool| {
+            if changed {
+                keys.push(key);
+            }
+        };
+        check("server.listen", old.listen != new.listen);
+        let tls = |t: &Option<crate::config::ListenerTls>| t.as_ref().map(|t| t.fingerprint);
+        check("server.tls", tls(&old.tls) != tls(&new.tls));
+        check(
+            "server.metrics_listen",
+            old.metrics_listen != new.metrics_listen,
+        );
+        check(
+            "server.max_connections",
+            old.max_connections != new.max_connections,
+        );
+        check(
+            "server.handshake_timeout",
+            old.handshake_timeout != new.handshake_timeout,
+        );
+        check(
+            "server.header_read_timeout",
+            old.header_read_timeout != new.header_read_timeout,
+        );
+        check("server.idle_timeout", old.idle_timeout != new.idle_timeout);
+        check(
+            "server.keepalive_interval",
+            old.keepalive_interval != new.keepalive_interval,
+        );
+        check(
+            "server.keepalive_timeout",
+            old.keepalive_timeout != new.keepalive_timeout,
+        );
+        check(
+            "server.max_concurrent_streams",
+            old.max_concurrent_streams != new.max_concurrent_streams,
+        );
+        check(
+            "server.max_request_bytes",
+            old.max_request_bytes != new.max_request_bytes,
+        );
+        check(
+            "server.max_buffered_request_bytes",
+            old.max_buffered_request_bytes != new.max_buffered_request_bytes,
+        );
+        check(
+            "server.request_read_timeout",
+            old.request_read_timeout != new.request_read_timeout,
+        );
+        check("server.send_timeout", old.send_timeout != new.send_timeout);
+        check(
+            "server.max_resets_per_second",
+            old.max_resets_per_second != new.max_resets_per_second,
+        );
+        check(
+            "server.max_reset_burst",
+            old.max_reset_burst != new.max_reset_burst,
+        );
+        check(
+            "server.drain_timeout",
+            old.drain_timeout != new.drain_timeout,
+        );
+        check(
+            "server.shutdown_delay",
+            old.shutdown_delay != new.shutdown_delay,
+        );
+        check("telemetry", self.telemetry != config.telemetry);
+        keys
+    }
+}
