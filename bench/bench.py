@@ -131,6 +131,7 @@ class Bench:
         self.tmp = tmp
         self.bin = str(ROOT / "target/release/aggregator")
         self.loadgen = str(ROOT / "target/release/examples/loadgen")
+        self.otlp_sink = str(ROOT / "target/release/examples/otlp_sink")
         self.place = Placement(args.pin)
         self.processes = []
         self.upstream_procs = {}
@@ -200,6 +201,7 @@ class Bench:
 
         self.overhead(target, "http://" + grpc5)
         self.saturation(gw, target, "http://" + grpc0)
+        self.tracing(gw, target, grpc0, http0)
         self.fanout(target)
         self.under_load(target, "http://" + grpc0)
         self.results["rss_peak_mb"] = round(gw.rss_mb("VmHWM"), 1)
@@ -253,11 +255,8 @@ class Bench:
         cpu_us = []
         for _ in range(a.rounds):
             rows["direct"].append(self.load(direct, "profile", **opts))
-            before = gw.cpu_seconds()
-            report = self.load(gateway, "aggregate", "dash_d0", **opts)
-            # The warmup's calls are in the CPU time too; count them by rate.
-            total = report["requests"] * (1 + parse_seconds(a.warmup) / parse_seconds(a.duration))
-            cpu_us.append((gw.cpu_seconds() - before) * 1e6 / total)
+            report, cpu = self.cpu_per_call(gw, gateway, opts)
+            cpu_us.append(cpu)
             rows["gateway"].append(report)
         direct_rps = statistics.median(r["rps"] for r in rows["direct"])
         gateway_rps = statistics.median(r["rps"] for r in rows["gateway"])
@@ -268,6 +267,54 @@ class Bench:
             "gateway_cpu_us_per_request": round(statistics.median(cpu_us), 1),
             "concurrency": a.saturation_concurrency,
             "rounds": rows,
+        }
+
+    def cpu_per_call(self, gw, gateway, opts):
+        """One saturating run of the 2-source Aggregate: its report, and the
+        gateway's CPU µs per call."""
+        before = gw.cpu_seconds()
+        report = self.load(gateway, "aggregate", "dash_d0", **opts)
+        # The warmup's calls are in the CPU time too; count them by rate.
+        a = self.args
+        total = report["requests"] * (1 + parse_seconds(a.warmup) / parse_seconds(a.duration))
+        return report, (gw.cpu_seconds() - before) * 1e6 / total
+
+    def tracing(self, gw, gateway, grpc, http):
+        """The same saturating load on a second gateway that samples every
+        call and exports its spans to a real OTLP receiver; rounds alternate
+        with the untraced gateway so drift hits both."""
+        a = self.args
+        sink = Process(self.place.wrap("upstreams", [self.otlp_sink]), "otlp sink ready",
+                       self.tmp / "otlp-sink.log")
+        self.processes.append(sink)
+        config = gateway_config([("d0", grpc, http)]) + (
+            f'\n[telemetry]\notlp_endpoint = "http://{sink.fields["addr"]}"\nsample_ratio = 1.0\n'
+        )
+        traced, target = self.gateway("traced", config)
+        self.load(target, "aggregate", "dash_d0", concurrency=1, duration="200ms", warmup="0s")
+        opts = dict(concurrency=a.saturation_concurrency, connections=4, duration=a.duration)
+        off, on, calls = [], [], 0
+        for _ in range(a.rounds):
+            off.append(self.cpu_per_call(gw, gateway, opts)[1])
+            report, cpu = self.cpu_per_call(traced, target, opts)
+            on.append(cpu)
+            calls += report["requests"] * (1 + parse_seconds(a.warmup) / parse_seconds(a.duration))
+        traced.stop()  # flushes the last batch before the sink stops
+        sink.stop()
+        spans = None
+        for line in pathlib.Path(sink.log_path).read_text().splitlines():
+            if '"otlp sink stopped"' in line:
+                spans = json.loads(line)["spans"]
+        if not spans:
+            sys.exit(f"bench: the OTLP sink received no spans: {pathlib.Path(sink.log_path).read_text()}")
+        off_us, on_us = statistics.median(off), statistics.median(on)
+        self.results["tracing"] = {
+            "cpu_us_per_request_off": round(off_us, 1),
+            "cpu_us_per_request_on": round(on_us, 1),
+            "cost_us": round(on_us - off_us, 1),
+            # A call is one server span and a client span per upstream request
+            # (2 here); fewer means the batch queue was full and spans were dropped.
+            "spans_received_per_call": round(spans / calls, 2),
         }
 
     def fanout(self, gateway):
@@ -433,6 +480,7 @@ def verdict(value, target, higher_is_better=False):
 def table(r, place):
     o, s, f, u, m = r["overhead"], r["saturation"], r["fanout"], r["under_load"], r["in_flight_10k"]
     one = r.get("overhead_one_cpu")
+    t = r["tracing"]
     rows = [
         ("Overhead p50, 1 in flight, 5 ms upstreams",
          f"{o['overhead_p50_us']:.0f} µs (gateway {o['gateway']['p50_us']:.0f}, direct {o['direct']['p50_us']:.0f})",
@@ -454,7 +502,11 @@ def table(r, place):
          f"{s['gateway_rps']}/s vs {s['direct_rps']}/s = {s['ratio']:.2f}",
          f"≥ {TARGETS['saturation_ratio']:.2f}",
          verdict(s["ratio"], TARGETS["saturation_ratio"], higher_is_better=True)),
-        ("Gateway CPU per 2-source Aggregate", f"{s['gateway_cpu_us_per_request']:.0f} µs", "", ""),
+        ("Gateway CPU per 2-source Aggregate (metrics on)", f"{s['gateway_cpu_us_per_request']:.0f} µs", "", ""),
+        ("Same, every call traced to an OTLP receiver",
+         f"{t['cpu_us_per_request_on']:.0f} µs against {t['cpu_us_per_request_off']:.0f} µs untraced "
+         f"(+{t['cost_us']:.0f} µs; {t['spans_received_per_call']} spans received per call)",
+         "", ""),
     ]
     for n in FANOUT:
         row = f[str(n)]

@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the per-call work the gateway does besides waiting:
 //! rendering requests from compiled templates, protobuf JSON in both
-//! directions, and merging source results into the Aggregate response.
+//! directions, merging source results into the Aggregate response, and
+//! recording a call's metrics.
 //! `cargo bench --bench hot_path`.
 
 use std::{hint::black_box, sync::Arc, time::Duration};
@@ -9,6 +10,7 @@ use aggregator::{
     api,
     fanout::Outcome,
     pb::DEMO_DESCRIPTOR,
+    telemetry::metrics::{Metrics, Rpc},
     template::{JsonTemplate, Params, UrlTemplate},
     upstream::grpc::json_options,
 };
@@ -100,5 +102,26 @@ fn merge(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, templates, protobuf_json, merge);
+/// Everything a 2-source `Aggregate` records: the call's in-flight gauge,
+/// duration and code, and each source request's duration and code.
+fn metrics(c: &mut Criterion) {
+    let metrics = Metrics::default();
+    let call = metrics.calls(Rpc::Aggregate, &Arc::from("user_dashboard"));
+    let sources = [
+        metrics.source(&Arc::from("profile")),
+        metrics.source(&Arc::from("orders")),
+    ];
+    c.bench_function("metrics/record_2_source_call", |b| {
+        b.iter(|| {
+            let mut in_flight = call.start();
+            for source in &sources {
+                let started = tokio::time::Instant::now();
+                source.request(tonic::Code::Ok, started.elapsed().as_secs_f64());
+            }
+            in_flight.answered(black_box(tonic::Code::Ok), true);
+        })
+    });
+}
+
+criterion_group!(benches, templates, protobuf_json, merge, metrics);
 criterion_main!(benches);

@@ -82,12 +82,21 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    if cli.command.is_some() && (cli.config.is_some() || cli.listen.is_some() || cli.watch) {
+    if let Some(command) = &cli.command
+        && (cli.config.is_some() || cli.listen.is_some() || cli.watch)
+    {
         // Silently ignoring them would leave the user debugging the wrong thing.
+        let name = match command {
+            Command::Check { .. } => "check",
+            Command::DemoUpstreams { .. } => "demo-upstreams",
+        };
         Cli::command()
             .error(
                 clap::error::ErrorKind::ArgumentConflict,
-                "--config, --listen and --watch are for the gateway; give a subcommand its own options (see its --help)",
+                format!(
+                    "--config, --listen and --watch are for the gateway, not for `{name}`; \
+                     give it its own options (see `aggregator {name} --help`)"
+                ),
             )
             .exit();
     }

@@ -97,11 +97,13 @@ async fn sources_run_in_parallel() {
     let gate = Gate::new();
     let profile = Upstream::grpc()
         .delay(Duration::from_millis(100))
-        .start_gated(&gate)
+        .gated(&gate)
+        .start()
         .await;
     let orders = Upstream::http()
         .delay(Duration::from_millis(100))
-        .start_gated(&gate)
+        .gated(&gate)
+        .start()
         .await;
     let gateway = Gateway::start(&config(&[
         grpc_source("profile", &profile),
@@ -201,7 +203,7 @@ async fn a_failing_source_cancels_a_slow_grpc_source() {
         .await;
     // Held until the slow request is surely in flight, then fails.
     let gate = Gate::new();
-    let orders = Upstream::http().status(503).start_gated(&gate).await;
+    let orders = Upstream::http().status(503).gated(&gate).start().await;
     let gateway = Gateway::start(&config(&[
         grpc_source("profile", &profile),
         http_source("orders", &orders, "/users/{user_id}/orders"),
@@ -246,7 +248,8 @@ async fn a_failing_source_cancels_a_slow_http_source() {
     let gate = Gate::new();
     let profile = Upstream::grpc()
         .fail_with(Code::NotFound, "no such user")
-        .start_gated(&gate)
+        .gated(&gate)
+        .start()
         .await;
     let orders = Upstream::http()
         .delay(Duration::from_secs(10))

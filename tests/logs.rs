@@ -23,7 +23,7 @@ fn request(aggregation: &str) -> AggregateRequest {
 #[tokio::test]
 async fn a_call_that_fails_fast_logs_the_source_that_failed() {
     let gate = Gate::new();
-    let profile = Upstream::grpc().start_gated(&gate).await;
+    let profile = Upstream::grpc().gated(&gate).start().await;
     let orders = Upstream::http().status(503).start().await;
     let gw = Process::start(
         &format!(

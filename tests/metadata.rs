@@ -124,7 +124,7 @@ async fn templates_read_metadata_and_a_missing_one_is_the_callers_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callers_with_different_credentials_never_share_a_request() {
     let gate = Gate::new();
-    let profile = Upstream::grpc().start_gated(&gate).await;
+    let profile = Upstream::grpc().gated(&gate).start().await;
     let gw = Gateway::start(&format!(
         "{}forward_metadata = [\"authorization\"]\n{}",
         grpc_source("profile", &profile),

@@ -235,7 +235,7 @@ async fn reflection_v1alpha_lists_and_describes_the_services() {
 async fn shutdown_reports_not_serving_and_drains_in_flight_calls() {
     // The call stays in flight until the gate opens, after shutdown began.
     let gate = Gate::new();
-    let upstream = Upstream::grpc().start_gated(&gate).await;
+    let upstream = Upstream::grpc().gated(&gate).start().await;
     let gateway = gateway_over(&upstream, "drain_timeout = \"30s\"", "").await;
     let addr = gateway.addr;
     // One connection carries the health watches and the in-flight call.

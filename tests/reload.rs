@@ -155,7 +155,8 @@ async fn a_call_in_flight_finishes_under_the_config_it_started_with() {
     let gate = Gate::new();
     let a = Upstream::http()
         .json(serde_json::json!({ "config": "A" }))
-        .start_gated(&gate)
+        .gated(&gate)
+        .start()
         .await;
     let (_, b) = upstreams().await;
     let gateway = Gateway::start(&config_for(&a)).await;

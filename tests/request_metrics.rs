@@ -118,7 +118,7 @@ async fn calls_are_counted_by_rpc_aggregation_and_code() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_shed_retries_hedges_skips_and_coalescing_waits_are_counted() {
     let gate = Gate::new();
-    let held = Upstream::grpc().start_gated(&gate).await;
+    let held = Upstream::grpc().gated(&gate).start().await;
     let flaky = Upstream::http().fail_first(1, 503, None).start().await;
     let slow = Upstream::http()
         .slow_first(1, Duration::from_secs(10))

@@ -138,7 +138,7 @@ async fn wait_for_metric(metrics: SocketAddr, line: &str) -> bool {
 async fn source_cap_sheds_a_flood_and_the_upstream_never_sees_more() {
     // The calls that get a slot hold it until every other call is answered.
     let gate = Gate::new();
-    let slow = Upstream::grpc().start_gated(&gate).await;
+    let slow = Upstream::grpc().gated(&gate).start().await;
     let gateway = one_source(
         format!(
             "{}max_concurrent = 2\nqueue_timeout = \"20ms\"\n",
@@ -210,7 +210,7 @@ async fn a_queued_call_takes_a_slot_freed_within_its_queue_time() {
 async fn gateway_cap_sheds_calls_with_gateway_overloaded() {
     // The calls that get a slot hold it until every other call is answered.
     let gate = Gate::new();
-    let slow = Upstream::grpc().start_gated(&gate).await;
+    let slow = Upstream::grpc().gated(&gate).start().await;
     let gateway = Gateway::start(&format!(
         "[server]\nmax_concurrent_calls = 3\nqueue_timeout = \"20ms\"\n{}{}",
         grpc_source("slow", &slow),
@@ -241,7 +241,7 @@ async fn gateway_cap_sheds_calls_with_gateway_overloaded() {
 async fn optional_source_at_capacity_degrades_the_answer_with_nothing_sent() {
     // The first call holds the slot until the gate opens.
     let gate = Gate::new();
-    let slow = Upstream::grpc().start_gated(&gate).await;
+    let slow = Upstream::grpc().gated(&gate).start().await;
     let fast = Upstream::grpc().start().await;
     let gateway = Gateway::start(&format!(
         "{}max_concurrent = 1\nqueue_timeout = \"10ms\"\n{}{}",
@@ -528,8 +528,8 @@ fn coalesced_count(answer: &AggregateResponse, source: &str) -> usize {
 async fn a_thundering_herd_reaches_each_upstream_once() {
     // The upstreams answer only once the whole herd is waiting.
     let gate = Gate::new();
-    let profile = Upstream::grpc().start_gated(&gate).await;
-    let orders = Upstream::http().start_gated(&gate).await;
+    let profile = Upstream::grpc().gated(&gate).start().await;
+    let orders = Upstream::http().gated(&gate).start().await;
     let (gateway, metrics) = Gateway::start_with_metrics(&format!(
         "{}{}{}",
         grpc_source("profile", &profile),
@@ -577,7 +577,7 @@ async fn a_thundering_herd_reaches_each_upstream_once() {
 async fn the_caller_that_started_a_shared_call_can_leave_without_failing_the_others() {
     // The shared call is answered only once the starter has left.
     let gate = Gate::new();
-    let upstream = Upstream::grpc().start_gated(&gate).await;
+    let upstream = Upstream::grpc().gated(&gate).start().await;
     // The starter's other source, its alone: its request is cancelled once
     // the gateway has let the starter go.
     let other = Upstream::http().hang().start().await;
@@ -687,7 +687,7 @@ async fn a_shared_call_is_cancelled_upstream_when_its_last_caller_leaves() {
 async fn waiters_with_time_left_get_a_fresh_call_when_the_shared_one_expires() {
     // Nothing is answered until the short deadline has passed.
     let gate = Gate::new();
-    let upstream = Upstream::grpc().start_gated(&gate).await;
+    let upstream = Upstream::grpc().gated(&gate).start().await;
     let (gateway, metrics) = Gateway::start_with_metrics(&format!(
         "{}{}",
         grpc_source("p", &upstream),
@@ -747,9 +747,9 @@ async fn only_identical_reads_are_coalesced() {
     // Each upstream holds its requests until all of them are in flight at
     // once: coalesced calls would never get there.
     let gates = [Gate::new(), Gate::new(), Gate::new()];
-    let post = Upstream::http().start_gated(&gates[0]).await;
-    let off = Upstream::grpc().start_gated(&gates[1]).await;
-    let auth = Upstream::http().start_gated(&gates[2]).await;
+    let post = Upstream::http().gated(&gates[0]).start().await;
+    let off = Upstream::grpc().gated(&gates[1]).start().await;
+    let auth = Upstream::http().gated(&gates[2]).start().await;
     let gateway = Gateway::start(&format!(
         "{}method = \"POST\"\nbody = {{ id = \"{{user_id}}\" }}\n{}coalesce = false\n{}headers = {{ authorization = \"Bearer {{token}}\" }}\n{}{}{}",
         http_source("post", &post, "/u"),
@@ -1138,7 +1138,7 @@ async fn http_get(url: &str) -> (u16, String) {
 async fn coalescing_breaker_and_bulkhead_state_are_exported_as_metrics() {
     // The upstream answers only once every caller is waiting.
     let gate = Gate::new();
-    let upstream = Upstream::grpc().start_gated(&gate).await;
+    let upstream = Upstream::grpc().gated(&gate).start().await;
     let (gateway, metrics) = Gateway::start_with_metrics(&format!(
         "{}max_concurrent = 10\nbreaker = {{ failures = 3 }}\n{}",
         grpc_source("p", &upstream),

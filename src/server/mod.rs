@@ -152,6 +152,10 @@ pub async fn run_with(
     let shutdown_delay = server.shutdown_delay;
     let announce_stop = async {
         shutdown.await;
+        // A reload must not bring back a config, or SERVING, now.
+        if let Some(reloading) = &reloading {
+            reloading.abort();
+        }
         health.lock().await.shut_down().await;
         if !shutdown_delay.is_zero() {
             // Still accepting and serving, while load balancers see the
@@ -178,7 +182,7 @@ pub async fn run_with(
         server.drain_timeout,
     )
     .await;
-    if let Some(reloading) = reloading {
+    if let Some(reloading) = &reloading {
         reloading.abort();
     }
     if let Some(tracing) = tracing {
