@@ -96,8 +96,8 @@ fn merge(c: &mut Criterion) {
     };
     c.bench_function("merge/aggregate_response_2_sources", |b| {
         b.iter(|| {
-            let outcomes = vec![outcome("profile", &profile), outcome("orders", &orders)];
-            api::merge(black_box(outcomes)).encode_to_vec()
+            let mut outcomes = vec![outcome("profile", &profile), outcome("orders", &orders)];
+            api::merge(black_box(&mut outcomes)).encode_to_vec()
         })
     });
 }

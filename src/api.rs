@@ -105,9 +105,8 @@ impl pb::aggregator_server::Aggregator for AggregatorApi {
         let (caller, req) = Caller::from(request);
         let call = caller.call(Rpc::Aggregate, &req.aggregation, &req.params, &[], None);
         let gateway = self.gateway.load_full();
-        let result = gateway.call(call).await;
-        let answer = result.map(merge).map_err(|e| e.to_status());
-        caller.answer(answer.and_then(|a| bounded(a, gateway.max_answer_bytes)))
+        let answer = gateway.call(call, merge).await;
+        caller.answer(answer.map_err(|e| e.to_status()))
     }
 
     async fn fetch_all(
@@ -135,40 +134,31 @@ impl pb::aggregator_server::Aggregator for AggregatorApi {
         );
         // The config in force when the call arrived answers it to the end.
         let gateway = self.gateway.load_full();
-        let result = gateway.call(call).await.map(|outcomes| {
-            let results: Vec<SourceResult> = outcomes
-                .into_iter()
-                .map(|o| {
-                    let (mut result, value) = source_result(o);
-                    result.data = value;
-                    result
-                })
-                .collect();
-            FetchAllResponse {
-                complete: results.iter().all(|r| r.code == 0),
-                results,
-            }
-        });
-        let answer = result.map_err(|e| e.to_status());
-        caller.answer(answer.and_then(|a| bounded(a, gateway.max_answer_bytes)))
+        let answer = gateway.call(call, fetch_all).await;
+        caller.answer(answer.map_err(|e| e.to_status()))
     }
 }
 
-/// The answer, unless it is larger than `max` bytes: a client would not
-/// read it (gRPC clients take 4 MiB by default), so it is told why instead.
-fn bounded<T: prost::Message>(answer: T, max: usize) -> Result<T, Status> {
-    let len = answer.encoded_len();
-    if len > max {
-        return Err(Status::resource_exhausted(format!(
-            "the answer would be {len} bytes, over the {max}-byte limit (max_answer_bytes)"
-        )));
+/// The FetchAll answer: one result per source, its data in it. Takes the
+/// data out of `outcomes`.
+fn fetch_all(outcomes: &mut [Outcome]) -> FetchAllResponse {
+    let results: Vec<SourceResult> = outcomes
+        .iter_mut()
+        .map(|o| {
+            let (mut result, value) = source_result(o);
+            result.data = value;
+            result
+        })
+        .collect();
+    FetchAllResponse {
+        complete: results.iter().all(|r| r.code == 0),
+        results,
     }
-    Ok(answer)
 }
 
 /// The Aggregate answer: each successful source's data under its name, and
-/// every source's result without data.
-pub fn merge(outcomes: Vec<Outcome>) -> AggregateResponse {
+/// every source's result without data. Takes the data out of `outcomes`.
+pub fn merge(outcomes: &mut [Outcome]) -> AggregateResponse {
     let mut data = Struct::default();
     let mut sources = Vec::with_capacity(outcomes.len());
     let mut complete = true;
@@ -187,15 +177,15 @@ pub fn merge(outcomes: Vec<Outcome>) -> AggregateResponse {
     }
 }
 
-/// The result without data, and the data as a protobuf value.
-fn source_result(outcome: Outcome) -> (SourceResult, Option<Value>) {
-    let (code, message, value) = match outcome.result {
-        Ok(json) => (0, String::new(), Some(to_value(json))),
+/// The result without data, and the data (taken out) as a protobuf value.
+fn source_result(outcome: &mut Outcome) -> (SourceResult, Option<Value>) {
+    let (code, message, value) = match &mut outcome.result {
+        Ok(json) => (0, String::new(), Some(to_value(std::mem::take(json)))),
         // A fallback stands in for the data; the code still tells the truth.
         Err(e) => (
             e.code() as i32,
             truncate(&e.to_string(), MAX_MESSAGE_BYTES),
-            outcome.fallback.map(to_value),
+            outcome.fallback.take().map(to_value),
         ),
     };
     let result = SourceResult {

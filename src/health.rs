@@ -65,6 +65,10 @@ impl Health {
         self.aggregations = aggregations;
     }
 
+    pub fn is_stopping(&self) -> bool {
+        self.stopping
+    }
+
     /// Shutdown has begun: stop following breakers, report NOT_SERVING.
     pub async fn shut_down(&mut self) {
         self.stopping = true;

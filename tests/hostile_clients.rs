@@ -15,6 +15,7 @@ use support::{raw, *};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tonic::Code;
+use tonic_types::StatusExt;
 
 const AGGREGATE: &str = "/aggregator.v1.Aggregator/Aggregate";
 
@@ -448,7 +449,12 @@ async fn a_unary_call_carries_one_message() {
 async fn an_answer_larger_than_a_client_reads_is_refused() {
     let big = serde_json::json!({ "blob": "x".repeat(8 << 10) });
     let upstream = Upstream::http().json(big).start().await;
-    let gw = gateway("max_answer_bytes = 4096", &upstream).await;
+    let (gw, metrics) = Gateway::start_with_metrics(&format!(
+        "[server]\nmax_answer_bytes = 4096\n{}{}",
+        http_source("p", &upstream, "/u/{user_id}"),
+        aggregation("p", &["p"], "")
+    ))
+    .await;
     let status = gw
         .client()
         .await
@@ -461,6 +467,20 @@ async fn an_answer_larger_than_a_client_reads_is_refused() {
         "{}",
         status.message()
     );
+    let info = status.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "ANSWER_TOO_LARGE");
+    // Counted as what the caller got, not as the OK the sources gave.
+    let (_, text) = scrape(metrics, None).await;
+    let calls = |code: &str| {
+        sample(
+            &text,
+            &format!(
+                "aggregator_calls_total{{rpc=\"Aggregate\",aggregation=\"p\",code=\"{code}\"}}"
+            ),
+        )
+    };
+    assert_eq!(calls("RESOURCE_EXHAUSTED"), Some(1.0), "{text}");
+    assert_eq!(calls("OK"), None, "{text}");
 }
 
 /// Sends a call and resets it at once, before any answer.

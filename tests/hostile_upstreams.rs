@@ -69,9 +69,11 @@ async fn a_small_answer_that_explodes_into_json_is_refused() {
         status.message()
     );
     assert!(grown < 64 * 1024, "converting it cost {grown} KiB");
-    // A source with room for it gets it whole.
+    // A source with room for it gets it whole (tens of MB: a debug-build
+    // client on a loaded machine may take longer than the default
+    // send_timeout to read them).
     let roomy = Gateway::start(&format!(
-        "[server]\nmax_answer_bytes = 67108864\n{}max_response_bytes = 67108864\n{}",
+        "[server]\nmax_answer_bytes = 67108864\nsend_timeout = \"10m\"\n{}max_response_bytes = 67108864\n{}",
         evil_source("evil", &upstream, "{ name = \"x\" }"),
         aggregation("evil", &["evil"], "")
     ))

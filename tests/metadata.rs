@@ -226,6 +226,21 @@ async fn every_call_has_a_request_id_that_comes_back() {
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
     assert_eq!(status.metadata().get("x-request-id").unwrap(), "err-9");
+    // So do the errors of the edge, answered before the call is read.
+    let small = Gateway::start(&format!(
+        "[server]\nmax_request_bytes = 64\n{}{}",
+        grpc_source("profile", &profile),
+        aggregation("p", &["profile"], "")
+    ))
+    .await;
+    let mut request = call("p", &[("x-request-id", "big-1")]);
+    request
+        .get_mut()
+        .params
+        .insert("user_id".into(), "9".repeat(100));
+    let status = small.client().await.aggregate(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(status.metadata().get("x-request-id").unwrap(), "big-1");
 }
 
 #[tokio::test]

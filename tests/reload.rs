@@ -13,6 +13,7 @@ use std::{
 };
 
 use aggregator::pb::aggregator::v1::{AggregateRequest, aggregator_client::AggregatorClient};
+use futures_util::StreamExt;
 use support::*;
 use tonic::{Code, transport::Channel};
 use tonic_health::pb::{
@@ -249,4 +250,59 @@ async fn health_follows_added_and_removed_aggregations() {
     client.aggregate(request("new")).await.unwrap();
     let gone = client.aggregate(request("old")).await.unwrap_err();
     assert_eq!(gone.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn once_shutdown_has_begun_a_reload_is_refused() {
+    let upstream = Upstream::http().start().await;
+    let source = http_source("s", &upstream, "/u/{user_id}");
+    let server = "[server]\nshutdown_delay = \"1h\"\n";
+    let gateway = Gateway::start(&format!(
+        "{server}{source}{}",
+        aggregation("old", &["s"], "")
+    ))
+    .await;
+    let mut health = HealthClient::new(gateway.channel().await);
+    let check = async |health: &mut HealthClient<Channel>, service: &str| {
+        let request = HealthCheckRequest {
+            service: service.to_owned(),
+        };
+        health
+            .check(request)
+            .await
+            .map(|r| ServingStatus::try_from(r.into_inner().status).unwrap())
+            .map_err(|status| status.code())
+    };
+    let mut statuses = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    gateway.signal_stop();
+    // Still serving during the delay, with every status NOT_SERVING.
+    let turned = async {
+        while let Some(Ok(update)) = statuses.next().await {
+            if update.status == ServingStatus::NotServing as i32 {
+                return true;
+            }
+        }
+        false
+    };
+    let turned = tokio::time::timeout(PATIENCE, turned).await;
+    assert_eq!(turned, Ok(true), "health never turned NOT_SERVING");
+    let refused = gateway
+        .reload(&format!(
+            "{server}{source}{}",
+            aggregation("new", &["s"], "")
+        ))
+        .await;
+    assert_eq!(refused, Err("shutting down".to_owned()));
+    let service = "aggregator.v1.Aggregator/new";
+    assert_eq!(check(&mut health, service).await, Err(Code::NotFound));
+    let still = check(&mut health, "aggregator.v1.Aggregator/old").await;
+    assert_eq!(still, Ok(ServingStatus::NotServing));
+    let mut client = gateway.client().await;
+    client.aggregate(request("old")).await.unwrap();
 }

@@ -67,17 +67,17 @@ pub fn warnings(config: &Config) -> Vec<Warning> {
     for source in &config.sources {
         let key = |field: &str| format!("sources.{}.{field}", source.name);
         if let (Some(hedge), Some(timeout)) = (&source.hedge, source.timeout) {
-            if let HedgeDelay::Fixed(delay) = hedge.delay {
-                if delay >= timeout {
-                    warn(
-                        key("hedge"),
-                        format!(
-                            "the hedge delay {} is not below the source's timeout {}: no hedge is ever sent",
-                            humantime::format_duration(delay),
-                            humantime::format_duration(timeout)
-                        ),
-                    );
-                }
+            // A p95 delay is never below its `min`.
+            let (HedgeDelay::Fixed(delay) | HedgeDelay::P95 { min: delay }) = hedge.delay;
+            if delay >= timeout {
+                warn(
+                    key("hedge"),
+                    format!(
+                        "the hedge delay {} is not below the source's timeout {}: no hedge is ever sent",
+                        humantime::format_duration(delay),
+                        humantime::format_duration(timeout)
+                    ),
+                );
             }
         }
         if source.breaker.is_some() && source.timeout.is_none() {
@@ -98,11 +98,15 @@ pub fn warnings(config: &Config) -> Vec<Warning> {
     out
 }
 
-/// The longest the backoffs between `attempts` requests can add up to.
+/// The longest the backoffs between `attempts` requests can add up to
+/// (saturating: a config may say anything).
 fn retry_waits(attempts: u32, backoff: Duration, max: Duration) -> Duration {
-    (1..attempts)
-        .map(|retry| backoff.saturating_mul(1 << (retry - 1).min(20)).min(max))
-        .sum()
+    let wait = |retry: u32| backoff.saturating_mul(1 << (retry - 1).min(20)).min(max);
+    let retries = attempts.saturating_sub(1);
+    // The backoff doubles for the first 21 retries, then stays the same.
+    let doubling = retries.min(21);
+    let first = (1..=doubling).fold(Duration::ZERO, |sum, r| sum.saturating_add(wait(r)));
+    first.saturating_add(wait(21).saturating_mul(retries - doubling))
 }
 
 fn dedup(warnings: &mut Vec<Warning>) {
@@ -139,6 +143,28 @@ mod tests {
     }
 
     const SOURCE: &str = "[sources.s]\nkind = \"http\"\nurl = \"http://127.0.0.1:1/s\"\n";
+
+    #[test]
+    fn retry_waits_saturate_instead_of_overflowing() {
+        let year = Duration::from_secs(365 * 86_400);
+        let huge = year.saturating_mul(300_000_000);
+        assert_eq!(retry_waits(u32::MAX, huge, huge), Duration::MAX);
+        // 1 + 2 + 4 s, then capped at 4 s.
+        let s = Duration::from_secs(1);
+        assert_eq!(retry_waits(5, s, 4 * s), 11 * s);
+        // Past the 21 doublings every wait is the same.
+        let ms = Duration::from_millis(1);
+        assert_eq!(retry_waits(24, ms, ms), 23 * ms);
+        assert_eq!(retry_waits(1, s, s), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_p95_hedge_whose_min_reaches_the_timeout_is_named() {
+        let config = parse(&format!(
+            "{SOURCE}timeout = \"1s\"\nhedge = {{ delay = \"p95\", min_delay = \"1s\" }}\n[aggregations.a]\nsources = [\"s\"]\n"
+        ));
+        assert_eq!(keys(&config), vec!["sources.s.hedge".to_owned()]);
+    }
 
     #[test]
     fn a_clean_config_has_no_warnings() {

@@ -123,7 +123,7 @@ impl Validator<'_> {
         match (max, queue_timeout) {
             (Some(0), _) => Err(self.err(format!("{table}.{max_key}"), "must be at least 1")),
             (Some(max), queue_timeout) => Ok(Some(Limit {
-                max,
+                max: self.count(format!("{table}.{max_key}"), max)?,
                 queue_timeout: queue_timeout.unwrap_or(DEFAULT_QUEUE_TIMEOUT),
             })),
             (None, _) => Ok(None),

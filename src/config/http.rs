@@ -87,6 +87,7 @@ impl Validator<'_> {
                 "must be at least 1",
             ));
         }
+        self.count(format!("sources.{name}.max_connections"), max_connections)?;
         let max_idle = model
             .pool_max_idle
             .or(d.pool_max_idle)

@@ -12,10 +12,12 @@ use crate::template::{Inputs, StrTemplate};
 
 /// Names a caller's metadata may never be forwarded under: they belong to
 /// the connection or the call, which the gateway makes itself.
-const NOT_FORWARDED: [&str; 12] = [
+const NOT_FORWARDED: [&str; 14] = [
     "connection",
     "keep-alive",
     "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
     "transfer-encoding",
     "upgrade",
     "te",

@@ -151,7 +151,20 @@ struct Validator<'a> {
     fingerprint: std::cell::RefCell<std::collections::hash_map::DefaultHasher>,
 }
 
+/// The largest count a limit may be (calls, connections): far above what
+/// any machine holds, and far below what the semaphores behind the limits
+/// can take.
+pub const MAX_COUNT: usize = 1 << 30;
+
 impl Validator<'_> {
+    /// `n` as the value of a count `key`, which must not exceed [`MAX_COUNT`].
+    fn count(&self, key: impl Into<String>, n: usize) -> Result<usize, ConfigError> {
+        if n > MAX_COUNT {
+            return Err(self.err(key, format!("must be at most {MAX_COUNT}")));
+        }
+        Ok(n)
+    }
+
     /// Adds what a source depends on to its fingerprint.
     fn depends_on(&self, bytes: &[u8]) {
         use std::hash::Hasher;

@@ -167,6 +167,7 @@ impl Validator<'_> {
         if let Some(key) = zero {
             return Err(self.err(format!("server.{key}"), "must be greater than zero"));
         }
+        self.count("server.max_connections", model.max_connections)?;
         Ok(ServerSpec {
             listen: model.listen,
             drain_timeout: model.drain_timeout,

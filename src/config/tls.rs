@@ -103,6 +103,8 @@ impl Validator<'_> {
         let path = self.base_dir.join(path);
         let bytes =
             std::fs::read(&path).map_err(|e| self.err(key, format!("{}: {e}", path.display())))?;
+        // A renewed certificate or key is a changed source on reload.
+        self.depends_on(&bytes);
         Ok((path, bytes))
     }
 

@@ -44,6 +44,10 @@ pub enum Error {
     /// The gateway-wide cap on calls in flight was reached.
     #[error("gateway at capacity: {0}")]
     Overloaded(Full),
+    /// The encoded answer would be larger than `[server] max_answer_bytes`:
+    /// a client would not read it (gRPC clients take 4 MiB by default).
+    #[error("the answer would be {len} bytes, over the {max}-byte limit (max_answer_bytes)")]
+    AnswerTooLarge { len: usize, max: usize },
     /// Fewer sources of the call succeeded than its aggregation's `min_success`.
     #[error("{succeeded} of {total} sources succeeded (min_success = {min})")]
     TooFewSucceeded {

@@ -28,7 +28,7 @@ impl Error {
             Self::UnknownSource { .. } | Self::Param(_) => Code::InvalidArgument,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Self::Source { error, .. } => error.code(),
-            Self::Overloaded(_) => Code::ResourceExhausted,
+            Self::Overloaded(_) | Self::AnswerTooLarge { .. } => Code::ResourceExhausted,
             Self::TooFewSucceeded { failed, .. } => failed
                 .iter()
                 .map(|(_, e)| e.code())
@@ -73,6 +73,10 @@ impl Error {
             Self::Overloaded(full) => vec![info(
                 "GATEWAY_OVERLOADED",
                 [("max_concurrent_calls", full.max.to_string())],
+            )],
+            Self::AnswerTooLarge { max, .. } => vec![info(
+                "ANSWER_TOO_LARGE",
+                [("max_answer_bytes", max.to_string())],
             )],
         };
         // As many details as fit: with many failed sources, the first ones.

@@ -39,7 +39,7 @@ impl<'a> CallLog<'a> {
         }
     }
 
-    pub(super) fn finish(&mut self, result: &Result<Vec<Outcome>, fanout::Failure>) {
+    pub(super) fn finish(&mut self, result: Result<&[Outcome], &fanout::Failure>) {
         self.done = true;
         let elapsed_ms = ms(self.started.elapsed());
         match result {

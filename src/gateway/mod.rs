@@ -54,7 +54,7 @@ struct Aggregation {
 
 /// A source whose client cannot be built (its TLS, for one).
 #[derive(Debug, thiserror::Error)]
-#[error("source '{source_name}': {error}")]
+#[error("`sources.{source_name}`: cannot build its client: {error}")]
 pub struct GatewayError {
     pub source_name: Arc<str>,
     pub error: tonic::transport::Error,
@@ -166,23 +166,40 @@ impl Gateway {
         })
     }
 
-    pub async fn call(&self, call: Call<'_>) -> Result<Vec<Outcome>, Error> {
+    /// Serves `call`; `answer` makes the RPC's answer from the outcomes,
+    /// taking their data out. An answer over `max_answer_bytes` is an error,
+    /// counted, logged and traced as such.
+    pub async fn call<T: prost::Message>(
+        &self,
+        call: Call<'_>,
+        answer: impl FnOnce(&mut [Outcome]) -> T,
+    ) -> Result<T, Error> {
         let agg = self.aggregations.get(call.aggregation);
         let rpc = call.rpc as usize;
         let metrics = agg.map_or(&self.unknown[rpc], |a| &a.metrics[rpc]);
         let mut flight = metrics.start();
         let result = match agg {
-            Some(agg) => self.call_in(agg, call).await,
+            Some(agg) => self.call_in(agg, call, answer).await,
             None => Err(Error::UnknownAggregation(shown(call.aggregation))),
         };
-        match &result {
-            Ok(outcomes) => flight.answered(Code::Ok, outcomes.iter().all(|o| o.result.is_ok())),
-            Err(error) => flight.answered(error.code(), false),
+        match result {
+            Ok((answer, outcomes)) => {
+                flight.answered(Code::Ok, outcomes.iter().all(|o| o.result.is_ok()));
+                Ok(answer)
+            }
+            Err(error) => {
+                flight.answered(error.code(), false);
+                Err(error)
+            }
         }
-        result
     }
 
-    async fn call_in(&self, agg: &Aggregation, call: Call<'_>) -> Result<Vec<Outcome>, Error> {
+    async fn call_in<T: prost::Message>(
+        &self,
+        agg: &Aggregation,
+        call: Call<'_>,
+        answer: impl FnOnce(&mut [Outcome]) -> T,
+    ) -> Result<(T, Vec<Outcome>), Error> {
         let span =
             (self.tracing.as_ref()).map(|t| t.call_span(call.rpc.name(), &agg.name, call.metadata));
         let trace_id = match &span {
@@ -190,10 +207,11 @@ impl Gateway {
             None => trace_id_of(call.metadata),
         };
         let result = self
-            .fan_out(agg, &call, span.as_ref(), trace_id.as_deref())
+            .fan_out(agg, &call, span.as_ref(), trace_id.as_deref(), answer)
             .await;
         if let Some(span) = &span {
-            for o in result.as_deref().unwrap_or_default() {
+            let outcomes = result.as_ref().map_or(&[][..], |(_, o)| o);
+            for o in outcomes {
                 let code = o.result.as_ref().err().map_or(Code::Ok, |e| e.code());
                 span.source(&o.source, code, o.attempts, o.coalesced, o.skipped);
             }
@@ -203,13 +221,14 @@ impl Gateway {
         result
     }
 
-    async fn fan_out(
+    async fn fan_out<T: prost::Message>(
         &self,
         agg: &Aggregation,
         call: &Call<'_>,
         span: Option<&CallSpan>,
         trace_id: Option<&str>,
-    ) -> Result<Vec<Outcome>, Error> {
+        answer: impl FnOnce(&mut [Outcome]) -> T,
+    ) -> Result<(T, Vec<Outcome>), Error> {
         let selected = agg.select(call.sources)?;
         let mut dispatch = Vec::with_capacity(selected.len());
         let inputs = Inputs::new(call.params, call.metadata);
@@ -240,8 +259,21 @@ impl Gateway {
             min_success: agg.min_success,
             deadline,
         };
-        let result = fanout::run(dispatch, policy).await;
-        log.finish(&result);
+        let result = fanout::run(dispatch, policy)
+            .await
+            .and_then(|mut outcomes| {
+                let answer = answer(&mut outcomes);
+                let (len, max) = (answer.encoded_len(), self.max_answer_bytes);
+                if len > max {
+                    let error = Error::AnswerTooLarge { len, max };
+                    return Err(fanout::Failure {
+                        error,
+                        finished: outcomes,
+                    });
+                }
+                Ok((answer, outcomes))
+            });
+        log.finish(result.as_ref().map(|(_, outcomes)| &outcomes[..]));
         result.map_err(|f| f.error)
     }
 }

@@ -22,6 +22,7 @@ use crate::{
     api::AggregatorApi,
     deadline::{Deadline, parse_grpc_timeout},
     pb::aggregator::v1::aggregator_server::AggregatorServer,
+    request_id,
 };
 
 /// Limits of reading a request and sending its answer.
@@ -169,7 +170,11 @@ async fn unary(
     deadline: Option<Deadline>,
     limits: EdgeLimits,
 ) -> Result<Response<Rechunk<Body>>, Infallible> {
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
+    // Taken here so that the answers made here and tonic's own errors carry
+    // it too; the API layer finds it well-formed and keeps it.
+    let id = request_id::take(&mut parts.headers);
+    let status = |status: Status| with_id(status.into_http::<Body>().map(Rechunk::new), &id);
     let read_timeout = Deadline::after(limits.request_read_timeout);
     let read_by = deadline.map_or(read_timeout, |d| d.min(read_timeout));
     let read = tokio::time::timeout_at(
@@ -221,11 +226,17 @@ async fn unary(
     let request = Request::from_parts(parts, Full::new(message));
     let response = tower::Service::call(&mut service, request).await?;
     stream::answer_within(limits.send_timeout);
-    Ok(response.map(Rechunk::new))
+    Ok(with_id(response.map(Rechunk::new), &id))
 }
 
-fn status(status: Status) -> Response<Rechunk<Body>> {
-    status.into_http::<Body>().map(Rechunk::new)
+/// The request id in the answer's headers (the trailers, when the answer is
+/// only trailers), unless the API layer put it there already.
+fn with_id<B>(mut response: Response<B>, id: &HeaderValue) -> Response<B> {
+    response
+        .headers_mut()
+        .entry(request_id::X_REQUEST_ID)
+        .or_insert_with(|| id.clone());
+    response
 }
 
 /// Reads the body, refusing it as soon as it declares or sends more than

@@ -152,10 +152,7 @@ pub async fn run_with(
     let shutdown_delay = server.shutdown_delay;
     let announce_stop = async {
         shutdown.await;
-        // A reload must not bring back a config, or SERVING, now.
-        if let Some(reloading) = &reloading {
-            reloading.abort();
-        }
+        // From here on a reload is refused (see `Reloader::apply`).
         health.lock().await.shut_down().await;
         if !shutdown_delay.is_zero() {
             // Still accepting and serving, while load balancers see the

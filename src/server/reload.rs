@@ -52,19 +52,32 @@ impl Reloader {
     }
 
     async fn apply(&self, config: Result<Config, ConfigError>) -> Result<(), String> {
-        let config = config.map_err(|error| {
+        let failed = |error: String| {
             tracing::error!(%error, "config reload failed: the config in force is kept");
-            error.to_string()
-        })?;
+            error
+        };
+        let config = config.map_err(|error| failed(error.to_string()))?;
         let old = self.current.load_full();
-        let gateway = Gateway::build(&config, &self.metrics, self.tracing.clone(), Some(&old))
-            .map_err(|error| {
-                tracing::error!(%error, "config reload failed: the config in force is kept");
-                error.to_string()
-            })?;
+        // A bug in building must not end reloading (the receiver would go).
+        let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Gateway::build(&config, &self.metrics, self.tracing.clone(), Some(&old))
+        }));
+        let gateway = match built {
+            Ok(Ok(gateway)) => gateway,
+            Ok(Err(error)) => return Err(failed(error.to_string())),
+            Err(_) => return Err(failed("building the new config panicked".to_owned())),
+        };
         let kept = gateway.kept_from(&old);
+        // Under the health lock, so that shutdown, which takes it first,
+        // either sees this config in force or keeps it from coming.
+        let mut health = self.health.lock().await;
+        if health.is_stopping() {
+            tracing::warn!("config reload not applied: shutting down");
+            return Err("shutting down".to_owned());
+        }
         self.current.store(Arc::new(gateway));
-        self.health.lock().await.follow(&self.current.load()).await;
+        health.follow(&self.current.load()).await;
+        drop(health);
         let unchanged = self.needs_restart(&config);
         if !unchanged.is_empty() {
             tracing::warn!(

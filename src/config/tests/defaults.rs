@@ -103,3 +103,32 @@ fn fallback_is_any_json_value() {
         Some(serde_json::json!("n/a"))
     );
 }
+
+#[test]
+fn counts_beyond_any_machine_are_refused_naming_the_key() {
+    let huge = "4000000000000000000";
+    assert_invalid(
+        parse(&format!(
+            "[server]\nmax_concurrent_calls = {huge}\n{HTTP_SOURCE}"
+        )),
+        "server.max_concurrent_calls",
+        "at most",
+    );
+    assert_invalid(
+        parse(&format!(
+            "[server]\nmax_connections = {huge}\n{HTTP_SOURCE}"
+        )),
+        "server.max_connections",
+        "at most",
+    );
+    assert_invalid(
+        parse(&http_source(&format!("max_concurrent = {huge}"))),
+        "sources.p.max_concurrent",
+        "at most",
+    );
+    assert_invalid(
+        parse(&http_source(&format!("max_connections = {huge}"))),
+        "sources.p.max_connections",
+        "at most",
+    );
+}

@@ -181,6 +181,7 @@ fn forwarded_metadata_is_named_and_checked() {
         "content-type",
         "grpc-timeout",
         "connection",
+        "Proxy-Authorization",
     ] {
         assert_invalid(
             parse(&http_source(&format!(

@@ -134,3 +134,20 @@ fn upstream_tls_is_for_https_and_needs_a_key_with_its_cert() {
     };
     assert!(g.tls.is_some());
 }
+
+#[test]
+fn a_renewed_certificate_changes_the_sources_definition() {
+    // A reload keeps a source whose definition is the same: a file renewed
+    // in place must count as a change, or the old certificate stays.
+    let files = Files::new("renewed");
+    let text = "[sources.p]\nkind = \"http\"\nurl = \"https://localhost:1/x\"\ntls = { ca = \"ca.crt\" }\n";
+    let definition = |files: &Files| files.parse(text).unwrap().sources[0].definition;
+    let before = definition(&files);
+    assert_eq!(
+        definition(&files),
+        before,
+        "the same files, the same definition"
+    );
+    std::fs::copy(files.0.join("a.crt"), files.0.join("ca.crt")).unwrap();
+    assert_ne!(definition(&files), before);
+}
