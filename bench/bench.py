@@ -132,6 +132,7 @@ class Bench:
         self.bin = str(ROOT / "target/release/aggregator")
         self.loadgen = str(ROOT / "target/release/examples/loadgen")
         self.otlp_sink = str(ROOT / "target/release/examples/otlp_sink")
+        self.naive_bin = str(ROOT / "target/release/examples/naive")
         self.place = Placement(args.pin)
         self.processes = []
         self.upstream_procs = {}
@@ -161,6 +162,16 @@ class Bench:
             self.place.wrap(role, [self.bin, "--log-format", "json", "--config", str(path)]),
             "aggregator ready",
             self.tmp / f"gateway-{name}.log",
+        )
+        self.processes.append(p)
+        return p, "http://" + p.fields["addr"]
+
+    def naive(self, name, grpc, http, role="gateway"):
+        """The naive peer (bench/naive.rs) in front of these upstreams."""
+        p = Process(
+            self.place.wrap(role, [self.naive_bin, "--grpc", grpc, "--http", http]),
+            "naive ready",
+            self.tmp / f"naive-{name}.log",
         )
         self.processes.append(p)
         return p, "http://" + p.fields["addr"]
@@ -199,6 +210,8 @@ class Bench:
         for agg in ["dash_d5", "dash_d0"] + [f"fan{n}" for n in FANOUT]:
             self.load(target, "aggregate", agg, concurrency=1, duration="200ms", warmup="0s")
 
+        self.naive5 = self.naive("d5", grpc5, http5)[1]
+        self.naive0 = self.naive("d0", grpc0, http0)
         self.overhead(target, "http://" + grpc5)
         self.saturation(gw, target, "http://" + grpc0)
         self.tracing(gw, target, grpc0, http0)
@@ -209,7 +222,7 @@ class Bench:
 
     def overhead(self, gateway, direct):
         """One call in flight; rounds alternate so drift hits both sides."""
-        self.results["overhead"] = self.overhead_rounds(gateway, direct, "load")
+        self.results["overhead"] = self.overhead_rounds(gateway, direct, "load", naive=self.naive5)
         if self.place.one_cpu is not None:
             grpc, http = self.upstreams("one_cpu", "5ms", role="one_cpu")
             _, target = self.gateway("one_cpu", gateway_config([("d5", grpc, http)]), role="one_cpu")
@@ -217,9 +230,11 @@ class Bench:
                       duration="200ms", warmup="0s")
             self.results["overhead_one_cpu"] = self.overhead_rounds(target, "http://" + grpc, "one_cpu")
 
-    def overhead_rounds(self, gateway, direct, role):
+    def overhead_rounds(self, gateway, direct, role, naive=None):
         a = self.args
         rows = {"direct": [], "gateway": []}
+        if naive:
+            rows["naive"] = []
         for _ in range(a.rounds):
             rows["direct"].append(
                 self.load(direct, "profile", role=role, concurrency=1, duration=a.duration)
@@ -227,10 +242,17 @@ class Bench:
             rows["gateway"].append(
                 self.load(gateway, "aggregate", "dash_d5", role=role, concurrency=1, duration=a.duration)
             )
+            if naive:
+                rows["naive"].append(
+                    self.load(naive, "aggregate", "dash_d5", role=role, concurrency=1, duration=a.duration)
+                )
         med = lambda side, key: statistics.median(r[key] for r in rows[side])
         out = {side: {k: med(side, k) for k in ("p50_us", "p90_us", "p99_us", "rps")} for side in rows}
         out["overhead_p50_us"] = round(med("gateway", "p50_us") - med("direct", "p50_us"), 1)
         out["overhead_p99_us"] = round(med("gateway", "p99_us") - med("direct", "p99_us"), 1)
+        if naive:
+            out["naive_overhead_p50_us"] = round(med("naive", "p50_us") - med("direct", "p50_us"), 1)
+            out["naive_overhead_p99_us"] = round(med("naive", "p99_us") - med("direct", "p99_us"), 1)
         # A p99 of fewer calls than this is the slowest one or two: noise,
         # not a percentile. It is not reported, rather than judged.
         calls = min(r["requests"] for side in rows.values() for r in side)
@@ -251,20 +273,28 @@ class Bench:
     def saturation(self, gw, gateway, direct):
         a = self.args
         opts = dict(concurrency=a.saturation_concurrency, connections=4, duration=a.duration)
-        rows = {"direct": [], "gateway": []}
-        cpu_us = []
+        rows = {"direct": [], "gateway": [], "naive": []}
+        cpu_us, naive_cpu_us = [], []
+        naive_proc, naive = self.naive0
         for _ in range(a.rounds):
             rows["direct"].append(self.load(direct, "profile", **opts))
             report, cpu = self.cpu_per_call(gw, gateway, opts)
             cpu_us.append(cpu)
             rows["gateway"].append(report)
+            report, cpu = self.cpu_per_call(naive_proc, naive, opts)
+            naive_cpu_us.append(cpu)
+            rows["naive"].append(report)
         direct_rps = statistics.median(r["rps"] for r in rows["direct"])
         gateway_rps = statistics.median(r["rps"] for r in rows["gateway"])
+        naive_rps = statistics.median(r["rps"] for r in rows["naive"])
         self.results["saturation"] = {
             "direct_rps": round(direct_rps),
             "gateway_rps": round(gateway_rps),
+            "naive_rps": round(naive_rps),
             "ratio": round(gateway_rps / direct_rps, 3),
+            "ratio_to_naive": round(gateway_rps / naive_rps, 3),
             "gateway_cpu_us_per_request": round(statistics.median(cpu_us), 1),
+            "naive_cpu_us_per_request": round(statistics.median(naive_cpu_us), 1),
             "concurrency": a.saturation_concurrency,
             "rounds": rows,
         }
@@ -488,6 +518,8 @@ def table(r, place):
         ("Overhead p99",
          f"{p99_text(o)} (gateway {o['gateway']['p99_us']:.0f}, direct {o['direct']['p99_us']:.0f})",
          f"≤ {TARGETS['overhead_p99_us']} µs", verdict(o["overhead_p99_us"], TARGETS["overhead_p99_us"])),
+        ("Same for the naive peer: p50 / p99",
+         f"{o['naive_overhead_p50_us']:.0f} / {o['naive_overhead_p99_us']:.0f} µs", "", ""),
     ]
     if one:
         rows += [
@@ -502,10 +534,13 @@ def table(r, place):
          f"{s['gateway_rps']}/s vs {s['direct_rps']}/s = {s['ratio']:.2f}",
          f"≥ {TARGETS['saturation_ratio']:.2f}",
          verdict(s["ratio"], TARGETS["saturation_ratio"], higher_is_better=True)),
-        ("Gateway CPU per 2-source Aggregate (metrics on)", f"{s['gateway_cpu_us_per_request']:.0f} µs", "", ""),
+        ("Saturation, ours vs the naive peer (bench/naive.rs)",
+         f"{s['gateway_rps']}/s vs {s['naive_rps']}/s = {s['ratio_to_naive']:.2f}", "", ""),
+        ("Gateway CPU per 2-source Aggregate (metrics on)",
+         f"{s['gateway_cpu_us_per_request']:.0f} µs (naive peer {s['naive_cpu_us_per_request']:.0f} µs)", "", ""),
         ("Same, every call traced to an OTLP receiver",
          f"{t['cpu_us_per_request_on']:.0f} µs against {t['cpu_us_per_request_off']:.0f} µs untraced "
-         f"(+{t['cost_us']:.0f} µs; {t['spans_received_per_call']} spans received per call)",
+         f"({t['cost_us']:+.0f} µs; {t['spans_received_per_call']} spans received per call)",
          "", ""),
     ]
     for n in FANOUT:

@@ -7,5 +7,5 @@
 # Needs: the Rust toolchain, python3, taskset (util-linux). Takes about 5 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --locked --bin aggregator --example loadgen --example otlp_sink
+cargo build --release --locked --bin aggregator --example loadgen --example otlp_sink --example naive
 exec python3 bench/bench.py "$@"
