@@ -32,17 +32,29 @@ fn header<'a>(seen: &'a Seen, name: &str) -> Option<&'a str> {
     seen.headers.get(name).map(|v| v.to_str().unwrap())
 }
 
-#[tokio::test]
-async fn only_named_metadata_is_forwarded_to_grpc_and_http_upstreams() {
+/// A gRPC `profile` and an HTTP `orders` source in aggregation `dash`, with
+/// `defaults` and extra TOML lines for each source.
+async fn dash(
+    defaults: &str,
+    profile_extra: &str,
+    orders_extra: &str,
+) -> (Running, Running, Gateway) {
     let profile = Upstream::grpc().start().await;
     let orders = Upstream::http().start().await;
     let gw = Gateway::start(&format!(
-        "[defaults]\nforward_metadata = [\"Authorization\", \"x-request-id\"]\n{}{}{}",
+        "{defaults}{}{profile_extra}{}{orders_extra}{}",
         grpc_source("profile", &profile),
         http_source("orders", &orders, "/users/{user_id}/orders"),
         aggregation("dash", &["profile", "orders"], "")
     ))
     .await;
+    (profile, orders, gw)
+}
+
+#[tokio::test]
+async fn only_named_metadata_is_forwarded_to_grpc_and_http_upstreams() {
+    let defaults = "[defaults]\nforward_metadata = [\"Authorization\", \"x-request-id\"]\n";
+    let (profile, orders, gw) = dash(defaults, "", "").await;
     let mut client = gw.client().await;
     let metadata = [
         ("authorization", "Bearer abc"),
@@ -60,15 +72,7 @@ async fn only_named_metadata_is_forwarded_to_grpc_and_http_upstreams() {
 
 #[tokio::test]
 async fn without_forward_metadata_nothing_of_the_callers_is_sent() {
-    let profile = Upstream::grpc().start().await;
-    let orders = Upstream::http().start().await;
-    let gw = Gateway::start(&format!(
-        "{}{}{}",
-        grpc_source("profile", &profile),
-        http_source("orders", &orders, "/users/{user_id}/orders"),
-        aggregation("dash", &["profile", "orders"], "")
-    ))
-    .await;
+    let (profile, orders, gw) = dash("", "", "").await;
     let mut client = gw.client().await;
     client
         .aggregate(call(
@@ -86,14 +90,11 @@ async fn without_forward_metadata_nothing_of_the_callers_is_sent() {
 
 #[tokio::test]
 async fn templates_read_metadata_and_a_missing_one_is_the_callers_error() {
-    let profile = Upstream::grpc().start().await;
-    let orders = Upstream::http().start().await;
-    let gw = Gateway::start(&format!(
-        "{}metadata = {{ x-tenant = \"t-{{@x-tenant}}\" }}\n{}headers = {{ authorization = \"Bearer {{@x-token}}\" }}\n{}",
-        grpc_source("profile", &profile),
-        http_source("orders", &orders, "/users/{user_id}/orders"),
-        aggregation("dash", &["profile", "orders"], "")
-    ))
+    let (profile, orders, gw) = dash(
+        "",
+        "metadata = { x-tenant = \"t-{@x-tenant}\" }\n",
+        "headers = { authorization = \"Bearer {@x-token}\" }\n",
+    )
     .await;
     let mut client = gw.client().await;
     client
@@ -162,15 +163,7 @@ async fn callers_with_different_credentials_never_share_a_request() {
 
 #[tokio::test]
 async fn the_trace_context_always_reaches_upstreams_verbatim() {
-    let profile = Upstream::grpc().start().await;
-    let orders = Upstream::http().start().await;
-    let gw = Gateway::start(&format!(
-        "{}{}{}",
-        grpc_source("profile", &profile),
-        http_source("orders", &orders, "/users/{user_id}/orders"),
-        aggregation("dash", &["profile", "orders"], "")
-    ))
-    .await;
+    let (profile, orders, gw) = dash("", "", "").await;
     let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let mut client = gw.client().await;
     client

@@ -89,25 +89,34 @@ async fn under_mtls_a_client_without_a_certificate_is_refused() {
     assert_eq!(upstream.log.stats().started, 1);
 }
 
-#[tokio::test]
-async fn tls_grpc_and_http_upstreams_are_verified_against_the_configured_ca() {
-    let pki = Pki::new();
-    let profile = Upstream::grpc()
-        .tls(pki.server_config(&["h2"], false))
-        .start()
-        .await;
-    let orders = Upstream::http()
-        .tls(pki.server_config(&["http/1.1"], false))
-        .start()
-        .await;
-    let gw = Gateway::start(&format!(
+/// A TLS gRPC upstream (ALPN h2) and a TLS HTTP/1.1 one, both with the
+/// PKI's server certificate.
+async fn tls_upstreams(pki: &Pki) -> (Running, Running) {
+    let profile = Upstream::grpc().tls(pki.server_config(&["h2"], false));
+    let orders = Upstream::http().tls(pki.server_config(&["http/1.1"], false));
+    (profile.start().await, orders.start().await)
+}
+
+/// `profile` and `orders` sources over https, verified against the PKI's file `ca`.
+fn tls_sources(pki: &Pki, ca: &str, profile: &Running, orders: &Running) -> String {
+    format!(
         "[defaults]\ntls = {{ ca = \"{}\" }}\n\
          [sources.profile]\nkind = \"grpc\"\nendpoint = \"https://localhost:{}\"\n\
          method = \"demo.v1.Profiles/GetProfile\"\nrequest = {{ user_id = \"{{user_id}}\" }}\n\
-         [sources.orders]\nkind = \"http\"\nurl = \"https://127.0.0.1:{}/users/{{user_id}}/orders\"\n{}",
-        pki.path("ca.crt"),
+         [sources.orders]\nkind = \"http\"\nurl = \"https://127.0.0.1:{}/users/{{user_id}}/orders\"\n",
+        pki.path(ca),
         profile.addr.port(),
         orders.addr.port(),
+    )
+}
+
+#[tokio::test]
+async fn tls_grpc_and_http_upstreams_are_verified_against_the_configured_ca() {
+    let pki = Pki::new();
+    let (profile, orders) = tls_upstreams(&pki).await;
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        tls_sources(&pki, "ca.crt", &profile, &orders),
         aggregation("dash", &["profile", "orders"], "")
     ))
     .await;
@@ -163,22 +172,10 @@ async fn a_client_certificate_and_a_server_name_reach_a_strict_upstream() {
 #[tokio::test]
 async fn a_wrong_ca_is_unavailable_naming_the_source_and_the_reason() {
     let pki = Pki::new();
-    let profile = Upstream::grpc()
-        .tls(pki.server_config(&["h2"], false))
-        .start()
-        .await;
-    let orders = Upstream::http()
-        .tls(pki.server_config(&["http/1.1"], false))
-        .start()
-        .await;
+    let (profile, orders) = tls_upstreams(&pki).await;
     let gw = Gateway::start(&format!(
-        "[defaults]\ntls = {{ ca = \"{}\" }}\n\
-         [sources.profile]\nkind = \"grpc\"\nendpoint = \"https://localhost:{}\"\n\
-         method = \"demo.v1.Profiles/GetProfile\"\nrequest = {{ user_id = \"{{user_id}}\" }}\n\
-         [sources.orders]\nkind = \"http\"\nurl = \"https://localhost:{}/o\"\n{}{}",
-        pki.path("other-ca.crt"),
-        profile.addr.port(),
-        orders.addr.port(),
+        "{}{}{}",
+        tls_sources(&pki, "other-ca.crt", &profile, &orders),
         aggregation("profile", &["profile"], ""),
         aggregation("orders", &["orders"], "")
     ))

@@ -98,74 +98,39 @@ impl Reloader {
     /// from that the new config changes.
     fn needs_restart(&self, config: &Config) -> Vec<&'static str> {
         let (old, new) = (&self.server, &config.server);
-        let mut keys = Vec::new();
-        let mut check = |key: &'static str, changed: bool| {
-            if changed {
-                keys.push(key);
-            }
-        };
-        check("server.listen", old.listen != new.listen);
+        // Each key is the field's name, so the two cannot drift apart.
+        macro_rules! changed {
+            ($($field:ident),*) => {
+                [$((concat!("server.", stringify!($field)), old.$field != new.$field)),*]
+            };
+        }
         let tls = |t: &Option<crate::config::ListenerTls>| t.as_ref().map(|t| t.fingerprint);
-        check("server.tls", tls(&old.tls) != tls(&new.tls));
-        check(
-            "server.metrics_listen",
-            old.metrics_listen != new.metrics_listen,
-        );
-        check(
-            "server.max_connections",
-            old.max_connections != new.max_connections,
-        );
-        check(
-            "server.handshake_timeout",
-            old.handshake_timeout != new.handshake_timeout,
-        );
-        check(
-            "server.header_read_timeout",
-            old.header_read_timeout != new.header_read_timeout,
-        );
-        check("server.idle_timeout", old.idle_timeout != new.idle_timeout);
-        check(
-            "server.keepalive_interval",
-            old.keepalive_interval != new.keepalive_interval,
-        );
-        check(
-            "server.keepalive_timeout",
-            old.keepalive_timeout != new.keepalive_timeout,
-        );
-        check(
-            "server.max_concurrent_streams",
-            old.max_concurrent_streams != new.max_concurrent_streams,
-        );
-        check(
-            "server.max_request_bytes",
-            old.max_request_bytes != new.max_request_bytes,
-        );
-        check(
-            "server.max_buffered_request_bytes",
-            old.max_buffered_request_bytes != new.max_buffered_request_bytes,
-        );
-        check(
-            "server.request_read_timeout",
-            old.request_read_timeout != new.request_read_timeout,
-        );
-        check("server.send_timeout", old.send_timeout != new.send_timeout);
-        check(
-            "server.max_resets_per_second",
-            old.max_resets_per_second != new.max_resets_per_second,
-        );
-        check(
-            "server.max_reset_burst",
-            old.max_reset_burst != new.max_reset_burst,
-        );
-        check(
-            "server.drain_timeout",
-            old.drain_timeout != new.drain_timeout,
-        );
-        check(
-            "server.shutdown_delay",
-            old.shutdown_delay != new.shutdown_delay,
-        );
-        check("telemetry", self.telemetry != config.telemetry);
-        keys
+        let special = [
+            ("server.tls", tls(&old.tls) != tls(&new.tls)),
+            ("telemetry", self.telemetry != config.telemetry),
+        ];
+        changed!(
+            listen,
+            metrics_listen,
+            max_connections,
+            handshake_timeout,
+            header_read_timeout,
+            idle_timeout,
+            keepalive_interval,
+            keepalive_timeout,
+            max_concurrent_streams,
+            max_request_bytes,
+            max_buffered_request_bytes,
+            request_read_timeout,
+            send_timeout,
+            max_resets_per_second,
+            max_reset_burst,
+            drain_timeout,
+            shutdown_delay
+        )
+        .into_iter()
+        .chain(special)
+        .filter_map(|(key, changed)| changed.then_some(key))
+        .collect()
     }
 }
