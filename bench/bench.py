@@ -207,7 +207,7 @@ class Bench:
         time.sleep(0.2)  # let the process settle before reading its idle RSS
         self.results["rss_idle_mb"] = round(gw.rss_mb(), 1)
         # Learn each gRPC source's schema by reflection before measuring.
-        for agg in ["dash_d5", "dash_d0"] + [f"fan{n}" for n in FANOUT]:
+        for agg in ["dash_d5", "dash_d0", "chain_d0"] + [f"fan{n}" for n in FANOUT]:
             self.load(target, "aggregate", agg, concurrency=1, duration="200ms", warmup="0s")
 
         self.naive5 = self.naive("d5", grpc5, http5)[1]
@@ -215,6 +215,7 @@ class Bench:
         self.overhead(target, "http://" + grpc5)
         self.saturation(gw, target, "http://" + grpc0)
         self.tracing(gw, target, grpc0, http0)
+        self.chain(gw, target)
         self.fanout(target)
         self.under_load(target, "http://" + grpc0)
         self.results["rss_peak_mb"] = round(gw.rss_mb("VmHWM"), 1)
@@ -299,15 +300,30 @@ class Bench:
             "rounds": rows,
         }
 
-    def cpu_per_call(self, gw, gateway, opts):
-        """One saturating run of the 2-source Aggregate: its report, and the
-        gateway's CPU µs per call."""
+    def cpu_per_call(self, gw, gateway, opts, aggregation="dash_d0"):
+        """One saturating run of an Aggregate (the 2-source one by default):
+        its report, and the gateway's CPU µs per call."""
         before = gw.cpu_seconds()
-        report = self.load(gateway, "aggregate", "dash_d0", **opts)
+        report = self.load(gateway, "aggregate", aggregation, **opts)
         # The warmup's calls are in the CPU time too; count them by rate.
         a = self.args
         total = report["requests"] * (1 + parse_seconds(a.warmup) / parse_seconds(a.duration))
         return report, (gw.cpu_seconds() - before) * 1e6 / total
+
+    def chain(self, gw, gateway):
+        """CPU per call of a two-level chain (orders reads the profile's
+        user_id, so starts after it) next to the flat 2-source Aggregate over
+        the same upstreams; rounds alternate so drift hits both."""
+        a = self.args
+        opts = dict(concurrency=a.saturation_concurrency, connections=4, duration=a.duration)
+        flat, chain = [], []
+        for _ in range(a.rounds):
+            flat.append(self.cpu_per_call(gw, gateway, opts)[1])
+            chain.append(self.cpu_per_call(gw, gateway, opts, "chain_d0")[1])
+        self.results["chain"] = {
+            "flat_cpu_us_per_request": round(statistics.median(flat), 1),
+            "chain_cpu_us_per_request": round(statistics.median(chain), 1),
+        }
 
     def tracing(self, gw, gateway, grpc, http):
         """The same saturating load on a second gateway that samples every
@@ -459,6 +475,10 @@ def gateway_config(sets, fanout=None):
         http(f"orders_{tag}", http_addr)
         aggregation(f"dash_{tag}", [f"profile_{tag}", f"orders_{tag}"])
         aggregation(f"grpc_{tag}", [f"profile_{tag}"])
+        # The same two calls as a chain: orders reads the profile's answer.
+        out.append(f'[sources.chained_orders_{tag}]\nkind = "http"\n'
+                   f'url = "http://{http_addr}/users/{{$profile_{tag}.user_id}}/orders"\n')
+        aggregation(f"chain_{tag}", [f"profile_{tag}", f"chained_orders_{tag}"])
     if fanout:
         grpc_addr, http_addr = fanout
         for i in range(1, max(FANOUT) + 1):
@@ -511,6 +531,7 @@ def table(r, place):
     o, s, f, u, m = r["overhead"], r["saturation"], r["fanout"], r["under_load"], r["in_flight_10k"]
     one = r.get("overhead_one_cpu")
     t = r["tracing"]
+    c = r["chain"]
     rows = [
         ("Overhead p50, 1 in flight, 5 ms upstreams",
          f"{o['overhead_p50_us']:.0f} µs (gateway {o['gateway']['p50_us']:.0f}, direct {o['direct']['p50_us']:.0f})",
@@ -542,6 +563,9 @@ def table(r, place):
          f"{t['cpu_us_per_request_on']:.0f} µs against {t['cpu_us_per_request_off']:.0f} µs untraced "
          f"({t['cost_us']:+.0f} µs; {t['spans_received_per_call']} spans received per call)",
          "", ""),
+        ("Gateway CPU per call, two-level chain vs flat 2-source",
+         f"{c['chain_cpu_us_per_request']:.0f} µs vs {c['flat_cpu_us_per_request']:.0f} µs "
+         f"({c['chain_cpu_us_per_request'] - c['flat_cpu_us_per_request']:+.0f} µs)", "", ""),
     ]
     for n in FANOUT:
         row = f[str(n)]

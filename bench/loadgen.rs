@@ -208,6 +208,7 @@ async fn one_call(args: &Args, channel: Channel) -> Result<(), tonic::Status> {
     match args.call {
         Call::Aggregate => {
             let mut request = tonic::Request::new(AggregateRequest {
+                payload: None,
                 aggregation: args.aggregation.clone(),
                 params: [("user_id".to_owned(), user_id(args))].into(),
             });

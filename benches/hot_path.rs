@@ -9,6 +9,7 @@ use std::{hint::black_box, sync::Arc, time::Duration};
 use aggregator::{
     api,
     fanout::Outcome,
+    gateway::Shape,
     pb::DEMO_DESCRIPTOR,
     telemetry::metrics::{Metrics, Rpc},
     template::{JsonTemplate, Params, UrlTemplate},
@@ -97,7 +98,15 @@ fn merge(c: &mut Criterion) {
     c.bench_function("merge/aggregate_response_2_sources", |b| {
         b.iter(|| {
             let mut outcomes = vec![outcome("profile", &profile), outcome("orders", &orders)];
-            api::merge(black_box(&mut outcomes)).encode_to_vec()
+            let names = [Arc::from("profile"), Arc::from("orders")];
+            let shape = Shape {
+                landing: names.iter().collect(),
+                transform: None,
+                max_bytes: 4 << 20,
+            };
+            api::merge(black_box(&mut outcomes), &shape)
+                .unwrap()
+                .encode_to_vec()
         })
     });
 }

@@ -9,9 +9,9 @@ use tonic::{Request, Response, Status};
 use crate::{
     config::Mode,
     deadline::Deadline,
-    error::{status::MAX_MESSAGE_BYTES, truncate},
+    error::{Error, status::MAX_MESSAGE_BYTES, truncate},
     fanout::Outcome,
-    gateway::{Call, Gateway},
+    gateway::{Call, Gateway, Shape},
     pb::aggregator::v1::{
         self as pb, AggregateRequest, AggregateResponse, FetchAllRequest, FetchAllResponse,
         SourceResult,
@@ -52,11 +52,13 @@ impl Caller {
         (caller, message)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn call<'a>(
         &'a self,
         rpc: Rpc,
         aggregation: &'a str,
         params: &'a crate::template::Params,
+        payload: &'a Payload,
         sources: &'a [String],
         mode: Option<Mode>,
     ) -> Call<'a> {
@@ -64,6 +66,8 @@ impl Caller {
             rpc,
             aggregation,
             params,
+            payload: payload.json.as_ref(),
+            payload_bytes: payload.bytes,
             metadata: &self.metadata,
             // Visible ASCII by construction.
             request_id: self.request_id.to_str().unwrap_or_default(),
@@ -103,8 +107,16 @@ impl pb::aggregator_server::Aggregator for AggregatorApi {
         request: Request<AggregateRequest>,
     ) -> Result<Response<AggregateResponse>, Status> {
         let (caller, req) = Caller::from(request);
-        let call = caller.call(Rpc::Aggregate, &req.aggregation, &req.params, &[], None);
         let gateway = self.gateway.load_full();
+        let payload = Payload::new(req.payload, gateway.max_payload_bytes);
+        let call = caller.call(
+            Rpc::Aggregate,
+            &req.aggregation,
+            &req.params,
+            &payload,
+            &[],
+            None,
+        );
         let answer = gateway.call(call, merge).await;
         caller.answer(answer.map_err(|e| e.to_status()))
     }
@@ -125,70 +137,81 @@ impl pb::aggregator_server::Aggregator for AggregatorApi {
                 ))));
             }
         };
+        // The config in force when the call arrived answers it to the end.
+        let gateway = self.gateway.load_full();
+        let payload = Payload::new(req.payload, gateway.max_payload_bytes);
         let call = caller.call(
             Rpc::FetchAll,
             &req.aggregation,
             &req.params,
+            &payload,
             &req.sources,
             mode,
         );
-        // The config in force when the call arrived answers it to the end.
-        let gateway = self.gateway.load_full();
         let answer = gateway.call(call, fetch_all).await;
         caller.answer(answer.map_err(|e| e.to_status()))
     }
 }
 
+/// The caller's payload as JSON, with its encoded size.
+struct Payload {
+    json: Option<serde_json::Value>,
+    bytes: usize,
+}
+
+impl Payload {
+    /// Converted only when within `max` bytes: a larger one is refused by
+    /// the gateway, by its size.
+    fn new(payload: Option<Struct>, max: usize) -> Self {
+        let bytes = payload.as_ref().map_or(0, prost::Message::encoded_len);
+        let json = payload
+            .filter(|_| bytes <= max)
+            .map(|s| from_value(Value::from(Kind::StructValue(s))));
+        Self { json, bytes }
+    }
+}
+
 /// The FetchAll answer: one result per source, its data in it. Takes the
 /// data out of `outcomes`.
-fn fetch_all(outcomes: &mut [Outcome]) -> FetchAllResponse {
+fn fetch_all(outcomes: &mut [Outcome], _: &Shape) -> Result<FetchAllResponse, Error> {
     let results: Vec<SourceResult> = outcomes
         .iter_mut()
-        .map(|o| {
-            let (mut result, value) = source_result(o);
-            result.data = value;
-            result
+        .map(|o| SourceResult {
+            data: o.take_data().map(to_value),
+            ..source_result(o)
         })
         .collect();
-    FetchAllResponse {
+    Ok(FetchAllResponse {
         complete: results.iter().all(|r| r.code == 0),
         results,
-    }
+    })
 }
 
-/// The Aggregate answer: each successful source's data under its name, and
+/// The Aggregate answer: the sources' data shaped into one document, and
 /// every source's result without data. Takes the data out of `outcomes`.
-pub fn merge(outcomes: &mut [Outcome]) -> AggregateResponse {
-    let mut data = Struct::default();
-    let mut sources = Vec::with_capacity(outcomes.len());
-    let mut complete = true;
-    for outcome in outcomes {
-        let (result, value) = source_result(outcome);
-        complete &= result.code == 0;
-        if let Some(value) = value {
-            data.fields.insert(result.source.clone(), value);
-        }
-        sources.push(result);
-    }
-    AggregateResponse {
-        data: Some(data),
-        complete,
+pub fn merge(outcomes: &mut [Outcome], shape: &Shape) -> Result<AggregateResponse, Error> {
+    let document = shape.document(outcomes)?;
+    let sources: Vec<SourceResult> = outcomes.iter().map(source_result).collect();
+    Ok(AggregateResponse {
+        data: Some(Struct {
+            fields: document
+                .into_iter()
+                .map(|(k, v)| (k, to_value(v)))
+                .collect(),
+        }),
+        complete: sources.iter().all(|r| r.code == 0),
         sources,
-    }
+    })
 }
 
-/// The result without data, and the data (taken out) as a protobuf value.
-fn source_result(outcome: &mut Outcome) -> (SourceResult, Option<Value>) {
-    let (code, message, value) = match &mut outcome.result {
-        Ok(json) => (0, String::new(), Some(to_value(std::mem::take(json)))),
-        // A fallback stands in for the data; the code still tells the truth.
-        Err(e) => (
-            e.code() as i32,
-            truncate(&e.to_string(), MAX_MESSAGE_BYTES),
-            outcome.fallback.take().map(to_value),
-        ),
+/// The result without data. A fallback may stand in for the data; the
+/// code still tells the truth.
+fn source_result(outcome: &Outcome) -> SourceResult {
+    let (code, message) = match &outcome.result {
+        Ok(_) => (0, String::new()),
+        Err(e) => (e.code() as i32, truncate(&e.to_string(), MAX_MESSAGE_BYTES)),
     };
-    let result = SourceResult {
+    SourceResult {
         source: outcome.source.to_string(),
         code,
         message,
@@ -197,8 +220,30 @@ fn source_result(outcome: &mut Outcome) -> (SourceResult, Option<Value>) {
         attempts: outcome.attempts,
         coalesced: outcome.coalesced,
         skipped: outcome.skipped,
-    };
-    (result, value)
+    }
+}
+
+/// `google.protobuf.Value` to JSON. Whole numbers within 2^53 become
+/// integers (`42`, not `42.0`), as a caller writing `42` meant; NaN and
+/// infinities, which JSON cannot hold, become null.
+pub fn from_value(value: Value) -> serde_json::Value {
+    use serde_json::Value as J;
+    match value.kind {
+        None | Some(Kind::NullValue(_)) => J::Null,
+        Some(Kind::BoolValue(b)) => J::Bool(b),
+        Some(Kind::NumberValue(n)) if n.fract() == 0.0 && n.abs() <= 9_007_199_254_740_992.0 => {
+            J::from(n as i64)
+        }
+        Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(n).map_or(J::Null, J::Number),
+        Some(Kind::StringValue(s)) => J::String(s),
+        Some(Kind::ListValue(list)) => J::Array(list.values.into_iter().map(from_value).collect()),
+        Some(Kind::StructValue(s)) => J::Object(
+            s.fields
+                .into_iter()
+                .map(|(k, v)| (k, from_value(v)))
+                .collect(),
+        ),
+    }
 }
 
 /// JSON to `google.protobuf.Value`. Numbers become doubles, as in any

@@ -1,7 +1,8 @@
 //! The built-in demo upstreams: a gRPC `demo.v1.Profiles` (with reflection)
-//! and an HTTP `GET /users/{user_id}/orders`, each answering after `delay`.
-//! Error paths can be tried too: user `0` has no profile (gRPC NOT_FOUND) and
-//! user `7`'s orders are down (HTTP 503).
+//! and, over HTTP, `GET /users/{user_id}/orders`, `GET /stock/{sku}` and
+//! `POST /webhooks/{target}`, each answering after `delay`. Error paths can
+//! be tried too: user `0` has no profile (gRPC NOT_FOUND), user `7`'s orders
+//! are down (HTTP 503), and so is the webhook target `pager`.
 
 use std::{convert::Infallible, future::Future, net::SocketAddr, path::Path, time::Duration};
 
@@ -133,12 +134,47 @@ impl Profiles for DemoProfiles {
     }
 }
 
+/// The largest webhook body the demo reads.
+const MAX_WEBHOOK_BYTES: usize = 64 * 1024;
+
 async fn orders(
     req: Request<Incoming>,
     delay: Duration,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     self::delay(delay).await;
-    let path = req.uri().path();
+    let path = req.uri().path().to_owned();
+    let segment = |prefix: &str| {
+        path.strip_prefix(prefix)
+            .filter(|s| !s.is_empty() && !s.contains('/'))
+            .map(|s| {
+                percent_encoding::percent_decode_str(s)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            })
+    };
+    if let Some(target) = segment("/webhooks/") {
+        let body = http_body_util::Limited::new(req.into_body(), MAX_WEBHOOK_BYTES);
+        let body = http_body_util::BodyExt::collect(body).await;
+        let (status, answer) = match body {
+            _ if target == "pager" => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"error": "pager gateway unavailable"}),
+            ),
+            Ok(body) => (
+                StatusCode::OK,
+                serde_json::json!({"target": target, "accepted": true, "bytes": body.to_bytes().len()}),
+            ),
+            Err(_) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                serde_json::json!({"error": "body too large"}),
+            ),
+        };
+        return Ok(json_response(status, &answer));
+    }
+    if let Some(sku) = segment("/stock/") {
+        let answer = serde_json::json!({"sku": sku, "available": seed(&sku) % 20});
+        return Ok(json_response(StatusCode::OK, &answer));
+    }
     let user = path
         .strip_prefix("/users/")
         .and_then(|rest| rest.strip_suffix("/orders"))
@@ -158,7 +194,10 @@ async fn orders(
             // User 0 has no profile, and no orders.
             let count = if user == "0" { 0 } else { seed(&user) % 3 + 1 };
             let orders: Vec<_> = (1..=count)
-                .map(|n| serde_json::json!({"id": format!("o-{n}"), "total_cents": 1250 * n}))
+                .map(|n| {
+                    let sku = format!("sku-{}", (seed(&user) + n) % 50);
+                    serde_json::json!({"id": format!("o-{n}"), "sku": sku, "total_cents": 1250 * n})
+                })
                 .collect();
             let body = serde_json::json!({"user_id": user, "orders": orders, "count": count});
             (StatusCode::OK, body)
@@ -168,11 +207,15 @@ async fn orders(
             serde_json::json!({"error": "not found"}),
         ),
     };
+    Ok(json_response(status, &body))
+}
+
+fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("application/json"),
     );
-    Ok(response)
+    response
 }

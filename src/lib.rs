@@ -7,7 +7,9 @@
 //! - [`check`]: `aggregator check`: warnings about valid configs, probes.
 //! - [`config`]: the TOML model and its validation into runtime specs;
 //!   templates are compiled there, once.
-//! - [`template`]: `{param}` placeholders and their context-aware escaping.
+//! - [`template`]: `{param}` placeholders and their context-aware escaping;
+//!   `{$source.path}` references to other sources' results and the payload.
+//! - [`transform`]: JMESPath filters (`transform`), bounded at load.
 //! - [`server`]: `run(listener, config, shutdown)`: the gRPC server with
 //!   health, reflection and graceful shutdown, and the layer order, socket
 //!   in: connections (cap, timeouts, lingering close), requests per
@@ -48,4 +50,5 @@ pub mod server;
 pub mod signals;
 pub mod telemetry;
 pub mod template;
+pub mod transform;
 pub mod upstream;

@@ -9,6 +9,7 @@ use tonic_types::StatusExt;
 
 fn aggregate(aggregation: &str, pairs: &[(&str, &str)]) -> AggregateRequest {
     AggregateRequest {
+        payload: None,
         aggregation: aggregation.into(),
         params: params(pairs),
     }
@@ -16,6 +17,7 @@ fn aggregate(aggregation: &str, pairs: &[(&str, &str)]) -> AggregateRequest {
 
 fn fetch_all(aggregation: &str, pairs: &[(&str, &str)], sources: &[&str]) -> FetchAllRequest {
     FetchAllRequest {
+        payload: None,
         aggregation: aggregation.into(),
         params: params(pairs),
         sources: sources.iter().map(|s| s.to_string()).collect(),

@@ -13,6 +13,7 @@ const PATIENCE: Duration = Duration::from_secs(10);
 
 fn dash(aggregation: &str) -> AggregateRequest {
     AggregateRequest {
+        payload: None,
         aggregation: aggregation.into(),
         params: params(&[("user_id", "7")]),
     }
@@ -20,6 +21,7 @@ fn dash(aggregation: &str) -> AggregateRequest {
 
 fn fetch(aggregation: &str, sources: &[&str], mode: Mode) -> FetchAllRequest {
     FetchAllRequest {
+        payload: None,
         aggregation: aggregation.into(),
         params: params(&[("user_id", "7")]),
         sources: sources.iter().map(|s| s.to_string()).collect(),

@@ -24,6 +24,7 @@ const GENEROUS: Duration = Duration::from_secs(20);
 
 fn request(aggregation: &str, user: &str) -> AggregateRequest {
     AggregateRequest {
+        payload: None,
         aggregation: aggregation.into(),
         params: params(&[("user_id", user)]),
     }
@@ -351,6 +352,7 @@ async fn an_oversized_request_is_resource_exhausted() {
     // And a real client sending 5 MiB.
     let mut client = gw.client().await;
     let huge = AggregateRequest {
+        payload: None,
         aggregation: "p".into(),
         params: params(&[("user_id", &"x".repeat(5 << 20))]),
     };
@@ -688,6 +690,7 @@ async fn a_huge_name_comes_back_bounded() {
         status.message()
     );
     let fetch = aggregator::pb::aggregator::v1::FetchAllRequest {
+        payload: None,
         aggregation: "p".into(),
         params: params(&[("user_id", "1")]),
         sources: vec!["s".repeat(1 << 20)],

@@ -18,6 +18,7 @@ const GENEROUS: Duration = Duration::from_secs(20);
 
 fn request(aggregation: &str, pairs: &[(&str, &str)]) -> AggregateRequest {
     AggregateRequest {
+        payload: None,
         aggregation: aggregation.into(),
         params: params(pairs),
     }
@@ -320,6 +321,7 @@ async fn a_parameter_that_cannot_fill_its_field_is_the_callers_error() {
     assert_eq!(info.metadata["parameter"], "count");
     // In a nested message, and in FetchAll too.
     let fetch = FetchAllRequest {
+        payload: None,
         aggregation: "both".into(),
         params: params(&[("count", "3"), ("level", "high")]),
         sources: vec![],

@@ -35,6 +35,7 @@ async fn a_sustained_flood_is_shed_with_flat_memory() {
             let mut client = client.clone();
             async move {
                 let request = AggregateRequest {
+                    payload: None,
                     aggregation: "stuck".into(),
                     params: params(&[("user_id", &i.to_string())]),
                 };

@@ -15,6 +15,7 @@ const GENEROUS: Duration = Duration::from_secs(30);
 
 fn request(aggregation: &str) -> AggregateRequest {
     AggregateRequest {
+        payload: None,
         aggregation: aggregation.into(),
         params: params(&[("user_id", "7")]),
     }
@@ -174,6 +175,7 @@ async fn listen_moves_the_demo_and_demo_upstreams_refuses_a_config() {
         .client()
         .await
         .aggregate(AggregateRequest {
+            payload: None,
             aggregation: "user_dashboard".into(),
             params: params(&[("user_id", "42")]),
         })

@@ -17,6 +17,7 @@ const PATIENCE: Duration = Duration::from_secs(20);
 
 fn call(aggregation: &str, metadata: &[(&'static str, &str)]) -> tonic::Request<AggregateRequest> {
     let mut request = tonic::Request::new(AggregateRequest {
+        payload: None,
         aggregation: aggregation.into(),
         params: params(&[("user_id", "7")]),
     });

@@ -11,6 +11,7 @@ use tonic_types::{ErrorDetail, StatusExt};
 
 fn call(aggregation: &str) -> AggregateRequest {
     AggregateRequest {
+        payload: None,
         aggregation: aggregation.into(),
         params: params(&[("user_id", "7")]),
     }
@@ -104,6 +105,7 @@ async fn min_success_counts_every_source_of_the_call() {
     // A subset of two with one success is under 2 too; a subset of one
     // success meets min_success capped at 1.
     let fetch = |sources: &[&str]| FetchAllRequest {
+        payload: None,
         aggregation: "two".into(),
         params: params(&[("user_id", "7")]),
         sources: sources.iter().map(|s| s.to_string()).collect(),

@@ -10,9 +10,8 @@ use aggregator::pb::aggregator::v1::{
 };
 use prost_types::{Struct, Value, value::Kind};
 use support::*;
-use tokio::{net::TcpListener, time::Instant};
-use tokio_util::sync::CancellationToken;
-use tonic::{Code, Streaming, transport::Channel};
+use tokio::time::Instant;
+use tonic::{Code, Streaming};
 use tonic_health::pb::{
     HealthCheckRequest, HealthCheckResponse, health_check_response::ServingStatus,
     health_client::HealthClient,
@@ -52,6 +51,7 @@ async fn gateway_over(upstream: &Running, server: &str, aggregation_extra: &str)
 
 fn dash_request(user_id: &str) -> AggregateRequest {
     AggregateRequest {
+        payload: None,
         aggregation: "dash".into(),
         params: params(&[("user_id", user_id)]),
     }
@@ -366,51 +366,6 @@ fn str_field<'a>(data: &'a Struct, name: &str) -> &'a str {
     }
 }
 
-/// The demo upstreams on free ports and a gateway serving the example config
-/// against them.
-struct Demo {
-    gateway: Gateway,
-    stop: CancellationToken,
-    upstreams: tokio::task::JoinHandle<Result<(), tonic_reflection::server::Error>>,
-}
-
-impl Demo {
-    async fn start() -> Self {
-        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let config =
-            aggregator::demo::config(grpc.local_addr().unwrap(), http.local_addr().unwrap())
-                .unwrap_or_else(|e| panic!("{e}"));
-        let stop = CancellationToken::new();
-        let upstreams = tokio::spawn(aggregator::demo::serve(
-            grpc,
-            http,
-            Duration::ZERO,
-            stop.clone().cancelled_owned(),
-        ));
-        let gateway = Gateway::start_config(config).await;
-        Self {
-            gateway,
-            stop,
-            upstreams,
-        }
-    }
-
-    async fn client(&self) -> AggregatorClient<Channel> {
-        self.gateway.client().await
-    }
-
-    async fn stop(self) {
-        self.gateway.stop().await;
-        self.stop.cancel();
-        tokio::time::timeout(PATIENCE, self.upstreams)
-            .await
-            .expect("demo upstreams stop")
-            .unwrap()
-            .expect("demo upstreams ran");
-    }
-}
-
 #[tokio::test]
 async fn demo_dashboard_merges_profile_and_orders() {
     let demo = Demo::start().await;
@@ -418,6 +373,7 @@ async fn demo_dashboard_merges_profile_and_orders() {
         .client()
         .await
         .aggregate(AggregateRequest {
+            payload: None,
             aggregation: "user_dashboard".into(),
             params: params(&[("user_id", "42")]),
         })
@@ -459,6 +415,7 @@ async fn demo_unknown_user_fails_naming_the_source() {
     // User 0 has no profile (NOT_FOUND) but an empty order list.
     let status = client
         .aggregate(AggregateRequest {
+            payload: None,
             aggregation: "user_dashboard".into(),
             params: params(&[("user_id", "0")]),
         })
@@ -472,6 +429,7 @@ async fn demo_unknown_user_fails_naming_the_source() {
     // With orders optional, only profile can fail the call.
     let status = client
         .aggregate(AggregateRequest {
+            payload: None,
             aggregation: "user_profile".into(),
             params: params(&[("user_id", "0")]),
         })
@@ -485,6 +443,7 @@ async fn demo_unknown_user_fails_naming_the_source() {
     // Best effort reports each source's own failure.
     let response = client
         .fetch_all(FetchAllRequest {
+            payload: None,
             aggregation: "user_dashboard".into(),
             params: params(&[("user_id", "0")]),
             sources: vec![],
@@ -510,6 +469,7 @@ async fn demo_unknown_user_fails_naming_the_source() {
     // User 7's orders are down: user_profile degrades, user_dashboard fails.
     let response = client
         .aggregate(AggregateRequest {
+            payload: None,
             aggregation: "user_profile".into(),
             params: params(&[("user_id", "7")]),
         })
@@ -524,6 +484,7 @@ async fn demo_unknown_user_fails_naming_the_source() {
     );
     let status = client
         .aggregate(AggregateRequest {
+            payload: None,
             aggregation: "user_dashboard".into(),
             params: params(&[("user_id", "7")]),
         })
@@ -544,6 +505,7 @@ async fn demo_profile_aggregation_answers_for_a_known_user() {
         .client()
         .await
         .aggregate(AggregateRequest {
+            payload: None,
             aggregation: "user_profile".into(),
             params: params(&[("user_id", "42")]),
         })

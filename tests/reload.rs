@@ -24,6 +24,7 @@ const PATIENCE: Duration = Duration::from_secs(30);
 
 fn request(aggregation: &str) -> AggregateRequest {
     AggregateRequest {
+        payload: None,
         aggregation: aggregation.into(),
         params: params(&[("user_id", "7")]),
     }

@@ -17,6 +17,7 @@ const PATIENCE: Duration = Duration::from_secs(20);
 
 fn call(aggregation: &str, user: &str) -> AggregateRequest {
     AggregateRequest {
+        payload: None,
         aggregation: aggregation.into(),
         params: params(&[("user_id", user)]),
     }
@@ -43,6 +44,7 @@ async fn calls_are_counted_by_rpc_aggregation_and_code() {
     }
     client.aggregate(call("mixed", "1")).await.unwrap();
     let fetch = FetchAllRequest {
+        payload: None,
         aggregation: "mixed".into(),
         params: params(&[("user_id", "2")]),
         sources: vec!["down".into()],

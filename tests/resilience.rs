@@ -27,6 +27,7 @@ const QUICK_WAIT: Duration = Duration::from_secs(5);
 
 fn request(aggregation: &str, user_id: &str) -> AggregateRequest {
     AggregateRequest {
+        payload: None,
         aggregation: aggregation.into(),
         params: params(&[("user_id", user_id)]),
     }
@@ -261,6 +262,7 @@ async fn optional_source_at_capacity_degrades_the_answer_with_nothing_sent() {
     // ...so the next one gets the fast source and a refusal for the slow one.
     let answer = client
         .fetch_all(FetchAllRequest {
+            payload: None,
             aggregation: "both".into(),
             params: params(&[("user_id", "2")]),
             sources: vec![],
@@ -329,6 +331,7 @@ async fn fallback_stands_in_for_a_failed_optional_source_with_the_real_status() 
     // FetchAll carries it as the source's data, next to the real code.
     let all = client
         .fetch_all(FetchAllRequest {
+            payload: None,
             aggregation: "degraded".into(),
             params: params(&[("user_id", "7")]),
             // With profile: a fallback is not a success, and min_success is 1.
@@ -361,6 +364,7 @@ async fn fetch_one(
 ) -> Result<aggregator::pb::aggregator::v1::SourceResult, Status> {
     let mut response = client
         .fetch_all(FetchAllRequest {
+            payload: None,
             aggregation: aggregation.into(),
             params: params(&[("user_id", user_id)]),
             sources: vec![],
@@ -788,6 +792,7 @@ async fn only_identical_reads_are_coalesced() {
             let mut client = client.clone();
             async move {
                 let request = AggregateRequest {
+                    payload: None,
                     aggregation: "auth".into(),
                     params: params(&[("user_id", "1"), ("token", token)]),
                 };

@@ -28,6 +28,7 @@ async fn every_call_in_flight_at_sigterm_is_answered_ok() {
             let mut client = client.clone();
             async move {
                 let request = AggregateRequest {
+                    payload: None,
                     aggregation: "p".into(),
                     params: params(&[("user_id", &i.to_string())]),
                 };
@@ -96,6 +97,7 @@ async fn the_binary_answers_every_call_in_flight_at_sigterm() {
             let mut client = client.clone();
             async move {
                 let request = AggregateRequest {
+                    payload: None,
                     aggregation: "p".into(),
                     params: params(&[("user_id", &i.to_string())]),
                 };
@@ -127,6 +129,7 @@ async fn the_binary_answers_every_call_in_flight_at_sigterm() {
 
 fn dash() -> AggregateRequest {
     AggregateRequest {
+        payload: None,
         aggregation: "dash".into(),
         params: params(&[("user_id", "7")]),
     }

@@ -13,6 +13,7 @@ const PATIENCE: Duration = Duration::from_secs(60);
 
 fn request(aggregation: &str) -> AggregateRequest {
     AggregateRequest {
+        payload: None,
         aggregation: aggregation.into(),
         params: params(&[("user_id", "7")]),
     }

@@ -21,6 +21,7 @@ async fn merges_a_grpc_and_an_http_source() {
         .client()
         .await
         .aggregate(AggregateRequest {
+            payload: None,
             aggregation: "dash".into(),
             params: params(&[("user_id", "7")]),
         })

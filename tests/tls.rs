@@ -14,6 +14,7 @@ use tonic::{
 
 fn request(aggregation: &str) -> AggregateRequest {
     AggregateRequest {
+        payload: None,
         aggregation: aggregation.into(),
         params: params(&[("user_id", "7")]),
     }

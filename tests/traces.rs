@@ -20,6 +20,7 @@ const CALLER_SPAN: &str = "00f067aa0ba902b7";
 
 fn call(traceparent: &str) -> tonic::Request<AggregateRequest> {
     let mut request = tonic::Request::new(AggregateRequest {
+        payload: None,
         aggregation: "dash".into(),
         params: params(&[("user_id", "7")]),
     });

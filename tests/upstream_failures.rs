@@ -16,6 +16,7 @@ const QUICK: Duration = Duration::from_millis(2500);
 
 fn request(aggregation: &str, user_id: &str) -> AggregateRequest {
     AggregateRequest {
+        payload: None,
         aggregation: aggregation.into(),
         params: params(&[("user_id", user_id)]),
     }
@@ -394,6 +395,7 @@ async fn http_204_no_content_is_ok_with_null_data() {
 
     let response = client
         .fetch_all(FetchAllRequest {
+            payload: None,
             aggregation: "empty".into(),
             params: params(&[("user_id", "7")]),
             sources: vec![],

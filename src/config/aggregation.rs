@@ -1,11 +1,16 @@
 //! `[aggregations.NAME]`: which sources a call fans out to, and how their
 //! failures count.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use serde::Deserialize;
 
 use super::{ConfigError, Validator, source::SourceSpec};
+use crate::transform::Filter;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -19,6 +24,11 @@ pub(super) struct AggregationModel {
     pub(super) timeout: Duration,
     #[serde(default = "default_min_success")]
     pub(super) min_success: usize,
+    /// Where each source lands in `Aggregate`'s document (default: its name).
+    #[serde(default)]
+    pub(super) keys: BTreeMap<String, String>,
+    /// Reshapes `Aggregate`'s merged document.
+    pub(super) transform: Option<String>,
 }
 
 /// How failures of sources affect a call.
@@ -43,6 +53,13 @@ pub struct AggregationSpec {
     /// Sources of a call that must succeed (capped at the call's number of
     /// sources), or the call fails.
     pub min_success: usize,
+    /// By member: the members it reads (indices into `members`).
+    pub deps: Vec<Vec<usize>>,
+    /// By member: where it lands in `Aggregate`'s document; `""` merges the
+    /// fields of its (object) result into the top level.
+    pub landing: Vec<Arc<str>>,
+    /// Reshapes `Aggregate`'s merged document; must yield an object.
+    pub transform: Option<Filter>,
 }
 
 fn default_aggregation_timeout() -> Duration {
@@ -111,12 +128,18 @@ impl Validator<'_> {
                 ),
             ));
         }
+        let deps = self.graph(&name, &members)?;
+        let landing = self.landing(&name, &members, &model.keys)?;
+        let transform = self.filter(&key("transform"), model.transform.as_deref())?;
         Ok(AggregationSpec {
             name: name.into(),
             members,
             mode: model.mode,
             timeout: model.timeout,
             min_success: model.min_success,
+            deps,
+            landing,
+            transform,
         })
     }
 }

@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 
 use http::{HeaderName, Uri, uri::PathAndQuery};
 
-use super::{ConfigError, Validator, source::SourceModel, tls::UpstreamTls, toml_to_json};
+use super::{ConfigError, Validator, source::SourceModel, tls::UpstreamTls};
 use crate::{
-    template::{JsonTemplate, StrTemplate, TemplateError},
+    template::{JsonTemplate, StrTemplate},
     upstream::schema::{self, MethodSchema},
 };
 
@@ -33,7 +33,6 @@ impl Validator<'_> {
     /// The gRPC part of `[sources.NAME]`.
     pub(super) fn grpc(&self, name: &str, model: &SourceModel) -> Result<GrpcSpec, ConfigError> {
         let key = |field: &str| format!("sources.{name}.{field}");
-        let template_err = |field: &str, e: TemplateError| self.err(key(field), e.to_string());
         let endpoint: Uri = self
             .required(
                 name,
@@ -56,11 +55,9 @@ impl Validator<'_> {
             .ok_or_else(|| self.err(key("method"), "expected `package.Service/Method`"))?;
         let path = PathAndQuery::try_from(format!("/{service}/{method}"))
             .map_err(|e| self.err(key("method"), e.to_string()))?;
-        let request = toml_to_json(&toml::Value::Table(
-            model.request.clone().unwrap_or_default(),
-        ))
-        .map_err(|m| self.err(key("request"), m))?;
-        let request = JsonTemplate::compile(&request).map_err(|e| template_err("request", e))?;
+        let empty = toml::Value::Table(Default::default());
+        let request =
+            self.whole_or_table(&key("request"), model.request.as_ref().unwrap_or(&empty))?;
         let schema = self
             .schema(
                 model.protos.as_deref().unwrap_or_default(),

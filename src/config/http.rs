@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use http::{HeaderName, Method};
 
-use super::{ConfigError, Validator, source::SourceModel, tls::UpstreamTls, toml_to_json};
+use super::{ConfigError, Validator, source::SourceModel, tls::UpstreamTls};
 use crate::template::{JsonTemplate, StrTemplate, TemplateError, UrlTemplate};
 
 /// Default cap on one HTTP source's open connections.
@@ -61,8 +61,7 @@ impl Validator<'_> {
                 if method == Method::GET || method == Method::HEAD {
                     return Err(self.err(key("body"), "GET and HEAD requests have no body"));
                 }
-                let json = toml_to_json(b).map_err(|m| self.err(key("body"), m))?;
-                JsonTemplate::compile(&json).map_err(|e| template_err("body", e))
+                self.whole_or_table(&key("body"), b)
             })
             .transpose()?;
         Ok(HttpSpec {

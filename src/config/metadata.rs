@@ -96,7 +96,7 @@ impl Validator<'_> {
                 for meta in value.metadata() {
                     metadata.insert(meta.clone(), HeaderValue::from_static(""));
                 }
-                crate::template::render_header(&value, &Inputs::new(&params, &metadata))
+                crate::template::render_header(&value, &Inputs::new(&params, &metadata).probing())
                     .map_err(|_| self.err(&key, "not a valid header value"))?;
                 Ok((name, value))
             })

@@ -7,6 +7,7 @@
 //! `resilience.rs`), `aggregation.rs`. Each adds its part of the `Validator`.
 
 mod aggregation;
+mod compose;
 mod defaults;
 mod grpc;
 mod http;
@@ -27,6 +28,7 @@ use self::{
 };
 pub use self::{
     aggregation::{AggregationSpec, Mode},
+    compose::{DEFAULT_MAX_ITEMS, DEFAULT_MAX_PARALLEL, ForEach},
     defaults::{DEFAULT_QUEUE_TIMEOUT, Limit},
     grpc::GrpcSpec,
     http::{DEFAULT_MAX_CONNECTIONS, DEFAULT_POOL_IDLE_TIMEOUT, HttpSpec, PoolSpec},

@@ -45,6 +45,7 @@ pub(super) struct ServerModel {
     max_request_bytes: usize,
     max_buffered_request_bytes: usize,
     max_answer_bytes: usize,
+    max_payload_bytes: usize,
     #[serde(with = "humantime_serde")]
     request_read_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -73,6 +74,7 @@ impl Default for ServerModel {
             max_request_bytes: 4 * 1024 * 1024,
             max_buffered_request_bytes: 256 * 1024 * 1024,
             max_answer_bytes: 4 * 1024 * 1024,
+            max_payload_bytes: 1024 * 1024,
             request_read_timeout: Duration::from_secs(10),
             send_timeout: Duration::from_secs(5),
             max_resets_per_second: DEFAULT_MAX_RESETS_PER_SECOND,
@@ -116,6 +118,8 @@ pub struct ServerSpec {
     pub max_buffered_request_bytes: usize,
     /// The largest answer sent (what a default gRPC client reads).
     pub max_answer_bytes: usize,
+    /// The largest `payload` a call may bring, encoded.
+    pub max_payload_bytes: usize,
     /// How long a request may take to arrive when the caller set no deadline.
     pub request_read_timeout: Duration,
     /// How long an answer may take to reach the client once it is ready.
@@ -153,6 +157,7 @@ impl Validator<'_> {
                 model.max_buffered_request_bytes as u64,
             ),
             ("max_answer_bytes", model.max_answer_bytes as u64),
+            ("max_payload_bytes", model.max_payload_bytes as u64),
             (
                 "max_resets_per_second",
                 u64::from(model.max_resets_per_second),
@@ -186,6 +191,7 @@ impl Validator<'_> {
                 .max_buffered_request_bytes
                 .min(tokio::sync::Semaphore::MAX_PERMITS),
             max_answer_bytes: model.max_answer_bytes,
+            max_payload_bytes: model.max_payload_bytes,
             request_read_timeout: model.request_read_timeout,
             send_timeout: model.send_timeout,
             max_resets_per_second: model.max_resets_per_second,

@@ -7,6 +7,7 @@ use http::HeaderName;
 
 use serde::Deserialize;
 
+use super::compose::ForEach;
 use super::{
     ConfigError, Validator,
     defaults::Limit,
@@ -18,7 +19,10 @@ use super::{
     },
     toml_to_json,
 };
-use crate::template::JsonTemplate;
+use crate::{
+    template::{JsonTemplate, Ref, Root},
+    transform::Filter,
+};
 
 /// Default cap on an upstream response body.
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
@@ -47,7 +51,8 @@ pub(super) struct SourceModel {
     pub(super) method: Option<String>,
     // gRPC only
     pub(super) endpoint: Option<String>,
-    pub(super) request: Option<toml::Table>,
+    /// A table, or a string that is exactly one reference (`"{$payload}"`).
+    pub(super) request: Option<toml::Value>,
     pub(super) protos: Option<Vec<PathBuf>>,
     pub(super) import_paths: Option<Vec<PathBuf>>,
     pub(super) descriptor_set: Option<PathBuf>,
@@ -64,6 +69,11 @@ pub(super) struct SourceModel {
     pub(super) pool_max_idle: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     pub(super) pool_idle_timeout: Option<std::time::Duration>,
+    // Composition
+    pub(super) for_each: Option<String>,
+    pub(super) max_parallel: Option<usize>,
+    pub(super) max_items: Option<usize>,
+    pub(super) transform: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -117,13 +127,15 @@ pub struct SourceSpec {
     pub hedge: Option<HedgeSpec>,
     /// Caller metadata copied into every request (lower-case names).
     pub forward_metadata: Vec<HeaderName>,
+    /// One request per element of a list.
+    pub for_each: Option<ForEach>,
+    /// Reshapes the result before anything else sees it.
+    pub transform: Option<Filter>,
     pub kind: SourceKind,
     /// Equal for two loads of the same definition (its table, `[defaults]`,
     /// the files it reads): a reload keeps such a source as it is.
     pub definition: u64,
 }
-
-/// When to send a second, identical request.
 
 #[derive(Debug)]
 pub enum SourceKind {
@@ -154,6 +166,30 @@ impl SourceSpec {
             }
         }
         out
+    }
+
+    /// Every reference its requests make, its `for_each` list included.
+    pub fn refs(&self) -> Vec<&Ref> {
+        let mut all: Vec<&Ref> = match &self.kind {
+            SourceKind::Grpc(g) => g
+                .request
+                .refs()
+                .chain(g.metadata.iter().flat_map(|(_, t)| t.refs()))
+                .collect(),
+            SourceKind::Http(h) => h
+                .url
+                .refs()
+                .chain(h.headers.iter().flat_map(|(_, t)| t.refs()))
+                .chain(h.body.iter().flat_map(JsonTemplate::refs))
+                .collect(),
+        };
+        all.extend(self.for_each.as_ref().map(|f| &f.list));
+        all
+    }
+
+    /// Whether it reads other sources' results, so runs after them.
+    pub fn reads_sources(&self) -> bool {
+        self.refs().iter().any(|r| r.source().is_some())
     }
 }
 
@@ -213,6 +249,7 @@ impl Validator<'_> {
             .map(toml_to_json)
             .transpose()
             .map_err(|m| self.err(key("fallback"), m))?;
+        let (for_each, transform) = self.compose(&name, &model)?;
         let kind = match model.kind {
             SourceKindModel::Grpc => SourceKind::Grpc(self.grpc(&name, &model)?),
             SourceKindModel::Http => SourceKind::Http(self.http(&name, &model)?),
@@ -235,9 +272,42 @@ impl Validator<'_> {
             health_check,
             hedge,
             forward_metadata,
+            for_each,
+            transform,
             kind,
             definition: std::hash::Hasher::finish(&*self.fingerprint.borrow()),
         })
+        .and_then(|spec| {
+            let item = spec.refs().into_iter().find(|r| r.root == Root::Item);
+            match item {
+                Some(r) if spec.for_each.is_none() => Err(self.err(
+                    format!("sources.{}", spec.name),
+                    format!("`{}` reads the item of a list: set `for_each`", r.display),
+                )),
+                _ => Ok(spec),
+            }
+        })
+    }
+
+    /// A `body` or `request`: a table, or a string that is exactly one
+    /// reference, such as `"{$payload}"`, to send that value whole.
+    pub(super) fn whole_or_table(
+        &self,
+        key: &str,
+        value: &toml::Value,
+    ) -> Result<JsonTemplate, ConfigError> {
+        if let toml::Value::String(text) = value {
+            let template = crate::template::StrTemplate::parse(text)
+                .map_err(|e| self.err(key, e.to_string()))?;
+            if template.single_ref().is_none() {
+                return Err(self.err(
+                    key,
+                    "expected a table, or a string that is exactly one reference such as \"{$payload}\"",
+                ));
+            }
+        }
+        let json = super::toml_to_json(value).map_err(|m| self.err(key, m))?;
+        JsonTemplate::compile(&json).map_err(|e| self.err(key, e.to_string()))
     }
 
     /// A key a source of its kind must have.

@@ -48,6 +48,13 @@ pub enum Error {
     /// a client would not read it (gRPC clients take 4 MiB by default).
     #[error("the answer would be {len} bytes, over the {max}-byte limit (max_answer_bytes)")]
     AnswerTooLarge { len: usize, max: usize },
+    /// The caller's payload is larger than `[server] max_payload_bytes`.
+    #[error("the payload is {len} bytes, over the {max}-byte limit (max_payload_bytes)")]
+    PayloadTooLarge { len: usize, max: usize },
+    /// The answer could not be shaped: a landing-key collision or a failed
+    /// aggregation `transform`.
+    #[error("{0}")]
+    Shape(String),
     /// Fewer sources of the call succeeded than its aggregation's `min_success`.
     #[error("{succeeded} of {total} sources succeeded (min_success = {min})")]
     TooFewSucceeded {
@@ -110,6 +117,37 @@ pub enum SourceError {
     /// The method's schema could not be learned or does not match the config.
     #[error("{0}")]
     Schema(String),
+    /// A request could not be rendered from the values it references.
+    #[error("{0}")]
+    Render(RenderError),
+    /// A source it reads failed (or was skipped): it was not called.
+    #[error("dependency '{0}' failed")]
+    DependencyFailed(Arc<str>),
+    /// The `for_each` list is not a list.
+    #[error("`{list}` is {found}, not a list (for_each)")]
+    NotAList {
+        list: Arc<str>,
+        found: &'static str,
+        from_caller: bool,
+    },
+    /// The `for_each` list is longer than `max_items`; nothing was sent.
+    #[error("`{list}` has {len} items, over max_items = {max} (for_each)")]
+    TooManyItems {
+        list: Arc<str>,
+        len: usize,
+        max: usize,
+        from_caller: bool,
+    },
+    /// One item of a `for_each` list failed.
+    #[error("item {index}: {error}")]
+    Item {
+        index: usize,
+        error: Box<SourceError>,
+        from_caller: bool,
+    },
+    /// The source's `transform` failed on its result.
+    #[error("transform `{filter}` failed: {detail}")]
+    Transform { filter: Arc<str>, detail: String },
 }
 
 impl SourceError {
@@ -182,20 +220,29 @@ impl SourceError {
                     | Code::DataLoss
             ),
             Self::Http { status, .. } => status.is_server_error() || status.as_u16() == 429,
+            Self::Item { error, .. } => error.is_upstream_fault(),
             Self::TooLarge(_)
             | Self::Expanded(_)
             | Self::NoConnection(_)
             | Self::Request { .. }
             | Self::Schema(_)
             | Self::Overloaded(_)
-            | Self::CircuitOpen { .. } => false,
+            | Self::CircuitOpen { .. }
+            | Self::Render(_)
+            | Self::DependencyFailed(_)
+            | Self::NotAList { .. }
+            | Self::TooManyItems { .. }
+            | Self::Transform { .. } => false,
         }
     }
 
     /// A wait for one of the source's connections that lasted until the
     /// deadline: reported as itself, since it is why the deadline passed.
     pub fn is_wait_for_connection(&self) -> bool {
-        matches!(self, Self::NoConnection(_))
+        match self {
+            Self::Item { error, .. } => error.is_wait_for_connection(),
+            other => matches!(other, Self::NoConnection(_)),
+        }
     }
 
     pub fn code(&self) -> Code {
@@ -209,8 +256,49 @@ impl SourceError {
                 Code::ResourceExhausted
             }
             Self::Request { .. } => Code::InvalidArgument,
-            Self::Schema(_) => Code::FailedPrecondition,
+            Self::Schema(_) | Self::DependencyFailed(_) => Code::FailedPrecondition,
+            Self::Render(e) => match e.reference() {
+                // Another source's answer lacks what this one needs.
+                Some(path) if !reads(path, "$payload") => Code::FailedPrecondition,
+                _ => Code::InvalidArgument,
+            },
+            Self::NotAList { from_caller, .. } | Self::TooManyItems { from_caller, .. } => {
+                caller_or_upstream(*from_caller)
+            }
+            Self::Item {
+                error, from_caller, ..
+            } => match &**error {
+                Self::Render(e) if e.reference().is_some_and(|p| reads(p, "$item")) => {
+                    caller_or_upstream(*from_caller)
+                }
+                other => other.code(),
+            },
+            Self::Transform { .. } => Code::Internal,
         }
+    }
+
+    /// Whether the source was not called at all (circuit open, or a
+    /// dependency failed).
+    pub fn is_skip(&self) -> bool {
+        match self {
+            Self::Item { error, .. } => error.is_skip(),
+            other => matches!(other, Self::CircuitOpen { .. } | Self::DependencyFailed(_)),
+        }
+    }
+}
+
+/// Whether the reference `path` starts at `root` (`$payload`, not `$payload_store`).
+fn reads(path: &str, root: &str) -> bool {
+    path.strip_prefix(root)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+}
+
+/// A bad list or item is the caller's fault when the caller sent it.
+fn caller_or_upstream(from_caller: bool) -> Code {
+    if from_caller {
+        Code::InvalidArgument
+    } else {
+        Code::FailedPrecondition
     }
 }
 
@@ -232,4 +320,30 @@ pub fn truncate(text: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}… ({} bytes)", &text[..end], text.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reference_is_the_callers_fault_only_when_it_reads_the_payload() {
+        let missing = |path: &str| SourceError::Render(RenderError::Missing(path.into())).code();
+        assert_eq!(missing("$payload.alert"), Code::InvalidArgument);
+        assert_eq!(missing("$payload"), Code::InvalidArgument);
+        // A source whose name starts with "payload" is another source.
+        assert_eq!(missing("$payload_store.id"), Code::FailedPrecondition);
+        assert_eq!(missing("$profile.id"), Code::FailedPrecondition);
+        let item = |path: &str, from_caller| {
+            SourceError::Item {
+                index: 0,
+                error: Box::new(SourceError::Render(RenderError::Missing(path.into()))),
+                from_caller,
+            }
+            .code()
+        };
+        assert_eq!(item("$item.sku", true), Code::InvalidArgument);
+        assert_eq!(item("$item.sku", false), Code::FailedPrecondition);
+        assert_eq!(item("$items.sku", true), Code::FailedPrecondition);
+    }
 }

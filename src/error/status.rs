@@ -28,7 +28,10 @@ impl Error {
             Self::UnknownSource { .. } | Self::Param(_) => Code::InvalidArgument,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Self::Source { error, .. } => error.code(),
-            Self::Overloaded(_) | Self::AnswerTooLarge { .. } => Code::ResourceExhausted,
+            Self::Overloaded(_) | Self::AnswerTooLarge { .. } | Self::PayloadTooLarge { .. } => {
+                Code::ResourceExhausted
+            }
+            Self::Shape(_) => Code::Internal,
             Self::TooFewSucceeded { failed, .. } => failed
                 .iter()
                 .map(|(_, e)| e.code())
@@ -57,6 +60,9 @@ impl Error {
             }
             Self::Param(RenderError::Missing(name)) => match name.strip_prefix('@') {
                 Some(meta) => vec![info("MISSING_METADATA", [("metadata", meta.to_owned())])],
+                None if name.starts_with('$') => {
+                    vec![info("MISSING_PATH", [("path", name.to_string())])]
+                }
                 None => vec![info("MISSING_PARAMETER", [("parameter", name.to_string())])],
             },
             Self::Param(RenderError::Invalid { name, .. }) => {
@@ -78,6 +84,11 @@ impl Error {
                 "ANSWER_TOO_LARGE",
                 [("max_answer_bytes", max.to_string())],
             )],
+            Self::PayloadTooLarge { max, .. } => vec![info(
+                "PAYLOAD_TOO_LARGE",
+                [("max_payload_bytes", max.to_string())],
+            )],
+            Self::Shape(_) => vec![info("SHAPE_FAILED", [])],
         };
         // As many details as fit: with many failed sources, the first ones.
         // The details travel as a google.rpc.Status that repeats the message.

@@ -27,13 +27,13 @@ impl<'a> CallLog<'a> {
         aggregation: &'a str,
         request_id: &'a str,
         trace_id: Option<&'a str>,
-        selected: &[(Arc<Source>, bool)],
+        selected: impl Iterator<Item = &'a Arc<Source>>,
     ) -> Self {
         Self {
             aggregation,
             request_id,
             trace_id,
-            sources: selected.iter().map(|(s, _)| s.name().clone()).collect(),
+            sources: selected.map(|s| s.name().clone()).collect(),
             started: Instant::now(),
             done: false,
         }

@@ -1,29 +1,31 @@
 //! The gateway's domain entry point: resolve an aggregation, check the
 //! caller's parameters, compute the deadline, fan out, and log the call.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc};
 
 use tonic::Code;
 
+mod aggregation;
 mod log;
+mod shape;
 
-use self::log::CallLog;
+pub use self::shape::Shape;
+use self::{aggregation::Aggregation, log::CallLog};
 use crate::{
     config::{Config, Mode},
     deadline::Deadline,
     error::Error,
-    fanout::{self, Outcome},
+    fanout::{self, Outcome, Renderer},
     resilience::bulkhead::Bulkhead,
     telemetry::{
         metrics::{CallMetrics, Metrics, Rpc},
         traces::{CallSpan, Tracing, trace_id_of},
     },
-    template::{Inputs, Params, RenderError},
+    template::{Inputs, Params, Values},
     upstream::Source,
 };
 
-/// Longest parameter value accepted; larger ones are refused, not forwarded.
-pub const MAX_PARAM_BYTES: usize = 8 * 1024;
+pub use self::aggregation::MAX_PARAM_BYTES;
 
 /// The sources and aggregations of a config, with live clients.
 pub struct Gateway {
@@ -40,16 +42,8 @@ pub struct Gateway {
     tracing: Option<Tracing>,
     /// The largest answer to send (`[server] max_answer_bytes`).
     pub max_answer_bytes: usize,
-}
-
-struct Aggregation {
-    name: Arc<str>,
-    members: Vec<(Arc<Source>, bool)>,
-    mode: Mode,
-    min_success: usize,
-    timeout: Duration,
-    /// By RPC: `Aggregate`, `FetchAll`.
-    metrics: [CallMetrics; 2],
+    /// The largest payload a call may bring (`[server] max_payload_bytes`).
+    pub max_payload_bytes: usize,
 }
 
 /// A source whose client cannot be built (its TLS, for one).
@@ -65,6 +59,9 @@ pub struct Call<'a> {
     pub rpc: Rpc,
     pub aggregation: &'a str,
     pub params: &'a Params,
+    /// The caller's `payload`, as JSON, and its encoded size.
+    pub payload: Option<&'a serde_json::Value>,
+    pub payload_bytes: usize,
     /// The caller's metadata (request headers), its request id included.
     pub metadata: &'a http::HeaderMap,
     pub request_id: &'a str,
@@ -129,6 +126,9 @@ impl Gateway {
                 let agg = Aggregation {
                     name: a.name.clone(),
                     members,
+                    deps: a.deps.clone(),
+                    landing: a.landing.clone(),
+                    transform: a.transform.clone(),
                     mode: a.mode,
                     min_success: a.min_success,
                     timeout: a.timeout,
@@ -163,6 +163,7 @@ impl Gateway {
             metrics: metrics.clone(),
             tracing,
             max_answer_bytes: config.server.max_answer_bytes,
+            max_payload_bytes: config.server.max_payload_bytes,
         })
     }
 
@@ -172,7 +173,7 @@ impl Gateway {
     pub async fn call<T: prost::Message>(
         &self,
         call: Call<'_>,
-        answer: impl FnOnce(&mut [Outcome]) -> T,
+        answer: impl FnOnce(&mut [Outcome], &Shape) -> Result<T, Error>,
     ) -> Result<T, Error> {
         let agg = self.aggregations.get(call.aggregation);
         let rpc = call.rpc as usize;
@@ -198,7 +199,7 @@ impl Gateway {
         &self,
         agg: &Aggregation,
         call: Call<'_>,
-        answer: impl FnOnce(&mut [Outcome]) -> T,
+        answer: impl FnOnce(&mut [Outcome], &Shape) -> Result<T, Error>,
     ) -> Result<(T, Vec<Outcome>), Error> {
         let span =
             (self.tracing.as_ref()).map(|t| t.call_span(call.rpc.name(), &agg.name, call.metadata));
@@ -227,16 +228,25 @@ impl Gateway {
         call: &Call<'_>,
         span: Option<&CallSpan>,
         trace_id: Option<&str>,
-        answer: impl FnOnce(&mut [Outcome]) -> T,
+        answer: impl FnOnce(&mut [Outcome], &Shape) -> Result<T, Error>,
     ) -> Result<(T, Vec<Outcome>), Error> {
-        let selected = agg.select(call.sources)?;
-        let mut dispatch = Vec::with_capacity(selected.len());
-        let inputs = Inputs::new(call.params, call.metadata);
-        for (source, optional) in &selected {
-            check_params(source, call.params)?;
-            let prepared = source.prepare(&inputs)?.traced(span, &agg.name);
-            dispatch.push((source, *optional, prepared));
+        if call.payload_bytes > self.max_payload_bytes {
+            return Err(Error::PayloadTooLarge {
+                len: call.payload_bytes,
+                max: self.max_payload_bytes,
+            });
         }
+        let selected = agg.select(call.sources)?;
+        let values = Values {
+            payload: call.payload,
+            ..Values::default()
+        };
+        let renderer = Renderer {
+            inputs: Inputs::new(call.params, call.metadata).with_values(values),
+            span,
+            aggregation: &agg.name,
+        };
+        let nodes = agg.nodes(&selected, &renderer, call.params)?;
         let deadline = match call.deadline {
             Some(d) => d.cap(agg.timeout),
             None => Deadline::after(agg.timeout),
@@ -253,16 +263,34 @@ impl Gateway {
             })?),
             None => None,
         };
-        let mut log = CallLog::new(&agg.name, call.request_id, trace_id, &selected);
+        let mut log = CallLog::new(
+            &agg.name,
+            call.request_id,
+            trace_id,
+            selected.iter().map(|(m, _)| &agg.members[*m].0),
+        );
         let policy = fanout::Policy {
             mode: call.mode.unwrap_or(agg.mode),
             min_success: agg.min_success,
             deadline,
         };
-        let result = fanout::run(dispatch, policy)
+        let shape = Shape {
+            landing: selected.iter().map(|(m, _)| &agg.landing[*m]).collect(),
+            transform: agg.transform.as_ref(),
+            max_bytes: self.max_answer_bytes,
+        };
+        let result = fanout::run(nodes, renderer, policy)
             .await
             .and_then(|mut outcomes| {
-                let answer = answer(&mut outcomes);
+                let answer = match answer(&mut outcomes, &shape) {
+                    Ok(answer) => answer,
+                    Err(error) => {
+                        return Err(fanout::Failure {
+                            error,
+                            finished: outcomes,
+                        });
+                    }
+                };
                 let (len, max) = (answer.encoded_len(), self.max_answer_bytes);
                 if len > max {
                     let error = Error::AnswerTooLarge { len, max };
@@ -312,44 +340,8 @@ impl Gateway {
     }
 }
 
-impl Aggregation {
-    /// The requested subset in the aggregation's order; all when none is named.
-    fn select(&self, names: &[String]) -> Result<Vec<(Arc<Source>, bool)>, Error> {
-        if let Some(unknown) = names
-            .iter()
-            .find(|n| !self.members.iter().any(|(s, _)| &**s.name() == n.as_str()))
-        {
-            return Err(Error::UnknownSource {
-                aggregation: self.name.clone(),
-                source_name: shown(unknown),
-            });
-        }
-        Ok(self
-            .members
-            .iter()
-            .filter(|(s, _)| names.is_empty() || names.iter().any(|n| n == &**s.name()))
-            .cloned()
-            .collect())
-    }
-}
-
 /// A name the caller sent, as the gateway echoes it: never more than a
 /// screenful, whatever was sent.
-fn shown(name: &str) -> String {
+pub(super) fn shown(name: &str) -> String {
     crate::error::truncate(name, 128)
-}
-
-fn check_params(source: &Source, params: &Params) -> Result<(), RenderError> {
-    for name in &source.params {
-        let value = params
-            .get(&**name)
-            .ok_or_else(|| RenderError::Missing(name.clone()))?;
-        if value.len() > MAX_PARAM_BYTES {
-            return Err(RenderError::Invalid {
-                name: name.clone(),
-                reason: "is longer than 8192 bytes",
-            });
-        }
-    }
-    Ok(())
 }

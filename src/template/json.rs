@@ -4,8 +4,10 @@ use std::sync::Arc;
 
 use super::{Inputs, Params, RenderError, StrTemplate, TemplateError};
 
-/// A JSON value whose strings may hold placeholders. Each substituted value
-/// becomes (part of) a JSON string, never raw JSON text.
+/// A JSON value whose strings may hold placeholders. A string that is
+/// exactly one reference (`"{$profile.id}"`) becomes the referenced value as
+/// it is; any other substituted value becomes (part of) a JSON string, never
+/// raw JSON text.
 #[derive(Debug, Clone)]
 pub enum JsonTemplate {
     /// A subtree without placeholders, cloned as is.
@@ -52,6 +54,10 @@ impl JsonTemplate {
         self.strings().flat_map(StrTemplate::params)
     }
 
+    pub fn refs(&self) -> impl Iterator<Item = &super::Ref> {
+        self.strings().flat_map(StrTemplate::refs)
+    }
+
     pub fn metadata(&self) -> impl Iterator<Item = &http::HeaderName> {
         self.strings().flat_map(StrTemplate::metadata)
     }
@@ -69,7 +75,10 @@ impl JsonTemplate {
         use serde_json::Value;
         Ok(match self {
             Self::Literal(v) => v.clone(),
-            Self::Str(s) => Value::String(s.render_with(inputs)?),
+            Self::Str(s) => match s.single_ref() {
+                Some(r) => inputs.values.resolve(r)?.clone(),
+                None => Value::String(s.render_with(inputs)?),
+            },
             Self::Array(items) => Value::Array(
                 items
                     .iter()

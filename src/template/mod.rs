@@ -5,41 +5,66 @@
 //! can never change the shape of the request it is substituted into.
 //!
 //! `{name}` reads the caller's `params`; `{@name}` reads the caller's
-//! metadata (request headers), such as `{@authorization}`.
+//! metadata (request headers), such as `{@authorization}`; `{$source.path}`,
+//! `{$payload.path}` and `{$item.path}` read JSON values ([`refs`]).
 
 mod header;
 mod json;
+pub mod refs;
 mod url;
 
 use std::{collections::HashMap, sync::Arc};
 
 use http::{HeaderMap, HeaderName};
 
-pub use self::{header::render_header, json::JsonTemplate, url::UrlTemplate};
+pub use self::{
+    header::render_header,
+    json::JsonTemplate,
+    refs::{Ref, Root, Values},
+    url::UrlTemplate,
+};
 
 /// Request parameters, as sent by the caller.
 pub type Params = HashMap<String, String>;
 
-/// What a template is rendered from: the caller's params and metadata.
+/// What a template is rendered from: the caller's params and metadata, and
+/// the JSON values references read.
 #[derive(Debug, Clone, Copy)]
 pub struct Inputs<'a> {
     pub params: &'a Params,
     pub metadata: &'a HeaderMap,
+    pub values: Values<'a>,
 }
 
 static NO_METADATA: std::sync::LazyLock<HeaderMap> = std::sync::LazyLock::new(HeaderMap::new);
 
 impl<'a> Inputs<'a> {
     pub fn new(params: &'a Params, metadata: &'a HeaderMap) -> Self {
-        Self { params, metadata }
+        Self {
+            params,
+            metadata,
+            values: Values::default(),
+        }
     }
 
     /// Params and no metadata.
     pub fn params(params: &'a Params) -> Self {
-        Self {
-            params,
-            metadata: &NO_METADATA,
-        }
+        Self::new(params, &NO_METADATA)
+    }
+
+    /// The same inputs, references reading `values`.
+    pub fn with_values(self, values: Values<'a>) -> Self {
+        Self { values, ..self }
+    }
+
+    /// The same inputs, every reference reading `"x"`: to check at load
+    /// that a template's literal parts make a valid request.
+    pub fn probing(self) -> Self {
+        let values = Values {
+            probe: true,
+            ..self.values
+        };
+        Self { values, ..self }
     }
 }
 
@@ -58,6 +83,10 @@ pub enum TemplateError {
         "invalid placeholder `{{@{0}}}`: expected a metadata (header) name, lower-case, not a binary `-bin` key"
     )]
     BadMetadata(String),
+    #[error(
+        "invalid reference `{{{0}}}`: expected `$source`, `$payload` or `$item`, then `.`-separated keys or indices"
+    )]
+    BadRef(String),
     #[error("{0}")]
     Url(String),
 }
@@ -91,10 +120,12 @@ pub enum RenderError {
     },
 }
 
-/// `parameter 'user_id'`, or `metadata 'x-token'` for `@x-token`.
+/// `parameter 'user_id'`, `metadata 'x-token'` for `@x-token`, or
+/// `path '$profile.id'`.
 fn describe(name: &str) -> String {
     match name.strip_prefix('@') {
         Some(meta) => format!("metadata '{meta}'"),
+        None if name.starts_with('$') => format!("path '{name}'"),
         None => format!("parameter '{name}'"),
     }
 }
@@ -108,6 +139,16 @@ impl RenderError {
         };
         name.starts_with('@')
     }
+
+    /// The path of the reference it is about, if it is about one.
+    pub fn reference(&self) -> Option<&str> {
+        match self {
+            Self::Missing(name) | Self::Invalid { name, .. } | Self::Mismatch { name, .. } => {
+                name.starts_with('$').then_some(&**name)
+            }
+            Self::TooLong { .. } => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -119,6 +160,7 @@ enum Piece {
         name: HeaderName,
         display: Arc<str>,
     },
+    Ref(Arc<Ref>),
 }
 
 /// A string with `{name}` and `{@name}` placeholders; `{{` and `}}` are
@@ -152,6 +194,10 @@ impl StrTemplate {
                     let inner = &rest[..end];
                     let piece = match inner.strip_prefix('@') {
                         Some(meta) => metadata_piece(meta)?,
+                        None if inner.starts_with('$') => Piece::Ref(Arc::new(
+                            Ref::parse(inner)
+                                .ok_or_else(|| TemplateError::BadRef(inner.to_owned()))?,
+                        )),
                         None if valid_name(inner) => Piece::Param(inner.into()),
                         None => return Err(TemplateError::BadName(inner.to_owned())),
                     };
@@ -188,10 +234,28 @@ impl StrTemplate {
         })
     }
 
-    /// Every placeholder, as errors name it (`user_id`, `@x-token`).
+    /// The references, in order of appearance.
+    pub fn refs(&self) -> impl Iterator<Item = &Ref> {
+        self.pieces.iter().filter_map(|p| match p {
+            Piece::Ref(r) => Some(&**r),
+            _ => None,
+        })
+    }
+
+    /// The reference, when the template is exactly one: it then renders
+    /// into a JSON template as the value itself, not as text.
+    pub fn single_ref(&self) -> Option<&Ref> {
+        match &self.pieces[..] {
+            [Piece::Ref(r)] => Some(r),
+            _ => None,
+        }
+    }
+
+    /// Every placeholder, as errors name it (`user_id`, `@x-token`, `$a.b`).
     pub fn inputs(&self) -> impl Iterator<Item = &Arc<str>> {
         self.pieces.iter().filter_map(|p| match p {
             Piece::Param(name) | Piece::Meta { display: name, .. } => Some(name),
+            Piece::Ref(r) => Some(&r.display),
             Piece::Lit(_) => None,
         })
     }
@@ -222,6 +286,16 @@ impl StrTemplate {
                         reason: "is not text",
                     })?;
                     escape(display, value, out)?;
+                }
+                Piece::Ref(r) => {
+                    let text = refs::text(inputs.values.resolve(r)?);
+                    if text.len() > refs::MAX_TEXT_BYTES {
+                        return Err(RenderError::Invalid {
+                            name: r.display.clone(),
+                            reason: "is longer than 8192 bytes as text",
+                        });
+                    }
+                    escape(&r.display, &text, out)?;
                 }
             }
         }

@@ -67,7 +67,7 @@ impl UrlTemplate {
             metadata.insert(name.clone(), http::HeaderValue::from_static("x"));
         }
         let rendered = template
-            .render_with(&Inputs::new(&probe, &metadata))
+            .render_with(&Inputs::new(&probe, &metadata).probing())
             .map_err(|e| url_err(&e.to_string()))?;
         http::Uri::try_from(rendered).map_err(|e| url_err(&e.to_string()))?;
         Ok(template)
@@ -83,6 +83,12 @@ impl UrlTemplate {
         self.path
             .metadata()
             .chain(self.query.iter().flat_map(StrTemplate::metadata))
+    }
+
+    pub fn refs(&self) -> impl Iterator<Item = &super::Ref> {
+        self.path
+            .refs()
+            .chain(self.query.iter().flat_map(StrTemplate::refs))
     }
 
     /// Every placeholder, as errors name it.

@@ -44,6 +44,9 @@ pub struct Source {
     pub spec: Arc<SourceSpec>,
     /// Placeholders its requests need.
     pub params: Vec<Arc<str>>,
+    /// Whether its requests read other sources' results (it then runs
+    /// after them).
+    pub reads_sources: bool,
     client: Client,
     /// The cap on this source's requests in flight, if configured.
     bulkhead: Option<Bulkhead>,
@@ -84,6 +87,7 @@ impl Source {
         };
         Ok(Self {
             params: spec.params(),
+            reads_sources: spec.reads_sources(),
             bulkhead: spec.max_concurrent.map(Bulkhead::new),
             retry: spec.retry.clone().map(Retrier::new),
             coalescer: spec.coalesce.then(Coalescer::default),

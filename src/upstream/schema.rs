@@ -65,15 +65,12 @@ pub fn check_template(template: &JsonTemplate, message: &MessageDescriptor) -> R
         },
     };
     for (key, value) in fields {
-        let field = message
-            .get_field_by_json_name(key)
-            .or_else(|| message.get_field_by_name(key))
-            .ok_or_else(|| {
-                format!(
-                    "request template: `{}` has no field `{key}`",
-                    message.full_name()
-                )
-            })?;
+        let field = field_of(message, key).ok_or_else(|| {
+            format!(
+                "request template: `{}` has no field `{key}`",
+                message.full_name()
+            )
+        })?;
         // Well-known types have their own JSON forms; only plain messages nest fields.
         if let Kind::Message(inner) = field.kind() {
             if !field.is_list()
@@ -87,10 +84,100 @@ pub fn check_template(template: &JsonTemplate, message: &MessageDescriptor) -> R
     Ok(())
 }
 
+/// Checks that `path` (proto field names and list indices) can exist in
+/// an answer of type `message`. Well-known types (`Struct`, `Value`...) and
+/// maps can hold any key.
+pub fn check_path(message: &MessageDescriptor, path: &[Box<str>]) -> Result<(), String> {
+    let mut current = message.clone();
+    let mut segments = path.iter();
+    while let Some(segment) = segments.next() {
+        if current.full_name().starts_with("google.protobuf.") {
+            return Ok(());
+        }
+        let field = current.get_field_by_name(segment).ok_or_else(|| {
+            format!(
+                "`{}` has no field `{segment}` (answers use the .proto's field names)",
+                current.full_name()
+            )
+        })?;
+        if field.is_map() {
+            return Ok(());
+        }
+        if field.is_list() {
+            match segments.next() {
+                None => return Ok(()),
+                Some(index) if index.parse::<usize>().is_ok() => {}
+                Some(other) => {
+                    return Err(format!(
+                        "`{}` is a list: `{other}` is not an index",
+                        field.full_name()
+                    ));
+                }
+            }
+        }
+        match field.kind() {
+            Kind::Message(inner) => current = inner,
+            _ => {
+                return match segments.next() {
+                    None => Ok(()),
+                    Some(next) => Err(format!(
+                        "`{}` is a {}: it has no `{next}`",
+                        field.full_name(),
+                        kind_name(&field)
+                    )),
+                };
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A request field by its JSON name or its `.proto` name, as protobuf JSON
+/// takes either.
+fn field_of(message: &MessageDescriptor, key: &str) -> Option<prost_reflect::FieldDescriptor> {
+    message
+        .get_field_by_json_name(key)
+        .or_else(|| message.get_field_by_name(key))
+}
+
 /// The rendered request as protobuf bytes.
-pub fn encode(input: &MessageDescriptor, json: serde_json::Value) -> Result<bytes::Bytes, String> {
+pub fn encode(
+    input: &MessageDescriptor,
+    mut json: serde_json::Value,
+) -> Result<bytes::Bytes, String> {
+    as_text_where_text(&mut json, input);
     let message = DynamicMessage::deserialize(input.clone(), json).map_err(|e| e.to_string())?;
     Ok(message.encode_to_vec().into())
+}
+
+/// Numbers and booleans bound for `string` fields become their text: a
+/// reference to another source's numeric id fills a string id field, as a
+/// user writing `user_id = "{$account.id}"` means. (Protobuf JSON already
+/// takes strings for numeric fields.)
+fn as_text_where_text(json: &mut serde_json::Value, message: &MessageDescriptor) {
+    use serde_json::Value;
+    let Value::Object(fields) = json else { return };
+    for (key, value) in fields.iter_mut() {
+        let Some(field) = field_of(message, key) else {
+            continue;
+        };
+        let values: Vec<&mut Value> = match value {
+            Value::Array(items) if field.is_list() => items.iter_mut().collect(),
+            other if !field.is_list() && !field.is_map() => vec![other],
+            _ => continue,
+        };
+        for value in values {
+            match field.kind() {
+                Kind::String if matches!(value, Value::Number(_) | Value::Bool(_)) => {
+                    *value = Value::String(value.to_string());
+                }
+                Kind::Message(inner) if !inner.full_name().starts_with("google.protobuf.") => {
+                    as_text_where_text(value, &inner);
+                }
+                _ => {}
+            }
+        }
+    }
 }
 
 /// [`encode`] at render time, when the schema is known: a parameter that
@@ -124,10 +211,7 @@ fn culprit(
         if sub.inputs().next().is_none() {
             continue;
         }
-        let Some(field) = message
-            .get_field_by_json_name(key)
-            .or_else(|| message.get_field_by_name(key))
-        else {
+        let Some(field) = field_of(message, key) else {
             continue;
         };
         if let (Kind::Message(inner), Some(_)) = (field.kind(), sub.keys()) {

@@ -129,6 +129,7 @@ impl Profiles for TestProfiles {
         let in_flight = self.log.start(Seen {
             target: user_id.clone(),
             headers,
+            body: Bytes::new(),
         });
         let nth = self.log.stats().started;
         if let Some(gate) = &self.behaviour.gate {
@@ -160,6 +161,7 @@ pub async fn grpc_answering(message: Bytes) -> Running {
         async move {
             log.start(Seen {
                 target: req.uri().path().to_owned(),
+                body: Bytes::new(),
                 headers: req.headers().clone(),
             })
             .finish();

@@ -33,7 +33,12 @@ pub struct HttpUpstream {
     own_thread: bool,
     tls: Option<Arc<rustls::ServerConfig>>,
     gate: Option<Gate>,
+    /// Answers each request by its path and query and its body.
+    handler: Option<Handler>,
 }
+
+/// An answer made from the request's path and query and its body: status, JSON.
+pub type Handler = Arc<dyn Fn(&str, &[u8]) -> (u16, serde_json::Value) + Send + Sync>;
 
 impl Default for HttpUpstream {
     fn default() -> Self {
@@ -47,6 +52,7 @@ impl Default for HttpUpstream {
             own_thread: false,
             tls: None,
             gate: None,
+            handler: None,
         }
     }
 }
@@ -103,6 +109,16 @@ impl HttpUpstream {
         self
     }
 
+    /// Answers each request with what `f` makes of its path and body (the
+    /// body is read first, and recorded).
+    pub fn answer_with(
+        mut self,
+        f: impl Fn(&str, &[u8]) -> (u16, serde_json::Value) + Send + Sync + 'static,
+    ) -> Self {
+        self.handler = Some(Arc::new(f));
+        self
+    }
+
     /// Holds each request at `gate`, as [`super::GrpcUpstream::gated`] does.
     pub fn gated(mut self, gate: &Gate) -> Self {
         self.gate = Some(gate.clone());
@@ -123,13 +139,24 @@ impl HttpUpstream {
         let service = TowerToHyperService::new(tower::service_fn(move |req: Request<Incoming>| {
             let (behaviour, log) = (behaviour.clone(), handler_log.clone());
             async move {
+                let target = req
+                    .uri()
+                    .path_and_query()
+                    .map(|p| p.to_string())
+                    .unwrap_or_default();
+                let headers = req.headers().clone();
+                let body = match &behaviour.handler {
+                    Some(_) => match http_body_util::BodyExt::collect(req.into_body()).await {
+                        Ok(body) => body.to_bytes(),
+                        Err(_) => Bytes::new(),
+                    },
+                    None => Bytes::new(),
+                };
+                let answer = (behaviour.handler.as_ref()).map(|handler| handler(&target, &body));
                 let in_flight = log.start(Seen {
-                    target: req
-                        .uri()
-                        .path_and_query()
-                        .map(|p| p.to_string())
-                        .unwrap_or_default(),
-                    headers: req.headers().clone(),
+                    target,
+                    headers,
+                    body,
                 });
                 let nth = log.stats().started;
                 if let Some(gate) = &behaviour.gate {
@@ -146,6 +173,10 @@ impl HttpUpstream {
                 in_flight.finish();
                 let mut response = Response::new(Full::new(behaviour.body.clone()));
                 *response.status_mut() = behaviour.status;
+                if let Some((status, json)) = answer {
+                    *response.body_mut() = Full::new(Bytes::from(json.to_string()));
+                    *response.status_mut() = StatusCode::from_u16(status).unwrap();
+                }
                 if let Some((n, status, retry_after)) = behaviour.fail_first {
                     if nth <= n {
                         *response.status_mut() = status;

@@ -50,6 +50,8 @@ pub struct Seen {
     /// The HTTP path and query, or the gRPC `user_id`.
     pub target: String,
     pub headers: http::HeaderMap,
+    /// The request body, for an HTTP upstream that answers by request.
+    pub body: bytes::Bytes,
 }
 
 impl Log {

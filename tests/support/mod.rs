@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+mod demo;
 mod gateway;
 mod grpc;
 mod http;
@@ -19,6 +20,7 @@ mod telemetry;
 // Each test binary uses some of these.
 #[allow(unused_imports)]
 pub use self::{
+    demo::Demo,
     gateway::Gateway,
     grpc::{GrpcUpstream, grpc_answering, grpc_hanging},
     http::HttpUpstream,
@@ -134,6 +136,34 @@ pub fn aggregation(name: &str, sources: &[&str], extra: &str) -> String {
         "[aggregations.{name}]\nsources = [{}]\n{extra}\n",
         list.join(", ")
     )
+}
+
+/// An `Aggregate` request for `aggregation` with `params`.
+pub fn aggregate_request(
+    aggregation: &str,
+    pairs: &[(&str, &str)],
+) -> aggregator::pb::aggregator::v1::AggregateRequest {
+    aggregator::pb::aggregator::v1::AggregateRequest {
+        aggregation: aggregation.into(),
+        params: params(pairs),
+        payload: None,
+    }
+}
+
+/// A JSON document as a `payload`.
+pub fn payload(json: serde_json::Value) -> Option<prost_types::Struct> {
+    match aggregator::api::to_value(json).kind {
+        Some(prost_types::value::Kind::StructValue(s)) => Some(s),
+        other => panic!("a payload is an object, not {other:?}"),
+    }
+}
+
+/// An answer's `google.protobuf.Struct` as JSON, to compare whole.
+pub fn json_of(data: &prost_types::Struct) -> serde_json::Value {
+    let value = prost_types::Value {
+        kind: Some(prost_types::value::Kind::StructValue(data.clone())),
+    };
+    aggregator::api::from_value(value)
 }
 
 /// Params from pairs.

@@ -84,8 +84,24 @@ fn example_config_loads_with_defaults() {
     assert_eq!(config.server.drain_timeout, Duration::from_secs(10));
 
     let names: Vec<&str> = config.sources.iter().map(|s| &*s.name).collect();
-    assert_eq!(names, ["orders", "profile"], "sorted by name");
-    for source in &config.sources {
+    assert_eq!(
+        names,
+        [
+            "hook_audit",
+            "hook_chat",
+            "hook_mail",
+            "hook_ops",
+            "hook_pager",
+            "orders",
+            "profile"
+        ],
+        "sorted by name"
+    );
+    for source in config
+        .sources
+        .iter()
+        .filter(|s| !s.name.starts_with("hook_"))
+    {
         assert_eq!(source.max_response_bytes, DEFAULT_MAX_RESPONSE_BYTES);
         assert_eq!(source.max_response_bytes, 4 * 1024 * 1024);
         assert_eq!(source.timeout, Some(Duration::from_millis(500)));
@@ -116,8 +132,18 @@ fn example_config_loads_with_defaults() {
     assert!(http.body.is_none());
 
     let aggs: Vec<&str> = config.aggregations.iter().map(|a| &*a.name).collect();
-    assert_eq!(aggs, ["user_dashboard", "user_profile"]);
-    for agg in &config.aggregations {
+    assert_eq!(aggs, ["publish_alert", "user_dashboard", "user_profile"]);
+    let publish = &config.aggregations[0];
+    assert_eq!((publish.mode, publish.min_success), (Mode::BestEffort, 3));
+    for hook in config
+        .sources
+        .iter()
+        .filter(|s| s.name.starts_with("hook_"))
+    {
+        assert!(hook.retry.is_none() && hook.hedge.is_none() && !hook.coalesce);
+        assert!(hook.breaker.is_some(), "{}", hook.name);
+    }
+    for agg in &config.aggregations[1..] {
         assert_eq!(agg.mode, Mode::FailFast, "{}", agg.name);
         assert_eq!(agg.timeout, Duration::from_secs(2), "{}", agg.name);
         let members: Vec<&str> = agg.members.iter().map(|(s, _)| &*s.name).collect();
@@ -125,12 +151,12 @@ fn example_config_loads_with_defaults() {
     }
     let optional =
         |agg: &AggregationSpec| -> Vec<bool> { agg.members.iter().map(|m| m.1).collect() };
-    assert_eq!(optional(&config.aggregations[0]), [false, false]);
-    assert_eq!(optional(&config.aggregations[1]), [false, true]);
+    assert_eq!(optional(&config.aggregations[1]), [false, false]);
+    assert_eq!(optional(&config.aggregations[2]), [false, true]);
     // Aggregations share the one spec per source.
     assert!(Arc::ptr_eq(
-        &config.aggregations[0].members[0].0,
-        &config.aggregations[1].members[0].0
+        &config.aggregations[1].members[0].0,
+        &config.aggregations[2].members[0].0
     ));
 }
 

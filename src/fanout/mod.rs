@@ -1,4 +1,5 @@
-//! Concurrent dispatch under one deadline.
+//! Concurrent dispatch under one deadline, as a graph: a source that reads
+//! others ([`node`]) starts once they have finished.
 //!
 //! Every source runs as a future inside the caller's own task, so nothing
 //! outlives the request: returning (first required failure, deadline) or being
@@ -10,11 +11,13 @@ use std::{sync::Arc, time::Duration};
 use futures_util::{StreamExt, stream::FuturesUnordered};
 use tokio::time::Instant;
 
+mod node;
+
+pub use self::node::{Node, Renderer, Requests, Start};
 use crate::{
     config::Mode,
     deadline::Deadline,
     error::{Error, SourceError},
-    upstream::{Fetched, Prepared, Source},
 };
 
 /// The outcome of one source.
@@ -28,7 +31,8 @@ pub struct Outcome {
     pub attempts: u32,
     /// Whether it shared an identical call already in flight.
     pub coalesced: bool,
-    /// Whether it was not called at all: its circuit is open.
+    /// Whether it was not called at all: its circuit is open, or a source
+    /// it reads failed.
     pub skipped: bool,
     /// The source's configured stand-in data, when it failed.
     pub fallback: Option<serde_json::Value>,
@@ -41,9 +45,6 @@ pub struct Failure {
     pub finished: Vec<Outcome>,
 }
 
-/// One source to call: the source, whether it is optional, its rendered request.
-pub type Dispatch<'a> = (&'a Arc<Source>, bool, Prepared);
-
 /// How a call's sources are run and judged.
 #[derive(Debug, Clone, Copy)]
 pub struct Policy {
@@ -54,74 +55,108 @@ pub struct Policy {
     pub deadline: Deadline,
 }
 
-/// Calls every source concurrently. Results come back in the order given.
-pub async fn run(calls: Vec<Dispatch<'_>>, policy: Policy) -> Result<Vec<Outcome>, Failure> {
+impl Outcome {
+    /// The data to answer with, taken out: the result, or the fallback
+    /// standing in for it.
+    pub fn take_data(&mut self) -> Option<serde_json::Value> {
+        match &mut self.result {
+            Ok(json) => Some(std::mem::take(json)),
+            Err(_) => self.fallback.take(),
+        }
+    }
+}
+
+/// Runs the call's sources as a graph: each starts the moment the sources it
+/// reads have finished, independent ones concurrently. Results come back in
+/// the order given.
+pub async fn run(
+    nodes: Vec<Node<'_>>,
+    renderer: Renderer<'_>,
+    policy: Policy,
+) -> Result<Vec<Outcome>, Failure> {
     let Policy {
         mode,
         min_success,
         deadline,
     } = policy;
     let started = Instant::now();
-    let mut slots: Vec<Option<Outcome>> = calls.iter().map(|_| None).collect();
-    let mut pending: FuturesUnordered<_> = calls
-        .into_iter()
-        .enumerate()
-        .map(|(i, (source, optional, prepared))| async move {
-            let t0 = Instant::now();
-            let Fetched {
-                result,
-                sent,
-                coalesced,
-            } = source.fetch(prepared, deadline).await;
-            let attempts = match &result {
-                // Nothing was sent: the request could not be built, or the
-                // source was at capacity.
-                Err(
-                    SourceError::Request { .. }
-                    | SourceError::Schema(_)
-                    | SourceError::Overloaded(_)
-                    | SourceError::CircuitOpen { .. },
-                ) if sent <= 1 => 0,
-                _ => sent,
-            };
-            let skipped = matches!(result, Err(SourceError::CircuitOpen { .. }));
-            let fallback = match &result {
-                Err(_) => source.spec.fallback.clone(),
-                Ok(_) => None,
-            };
+    // A required source that failed before anything was sent fails the
+    // call before anything is sent.
+    if mode == Mode::FailFast {
+        let failed = nodes.iter().find_map(|n| match &n.start {
+            Start::Failed(error) if !n.optional => Some((n.source, error)),
+            _ => None,
+        });
+        if let Some((source, error)) = failed {
             let outcome = Outcome {
                 source: source.name().clone(),
-                optional,
-                result,
-                elapsed: t0.elapsed(),
-                attempts,
-                coalesced,
-                skipped,
-                fallback,
+                optional: false,
+                result: Err(error.clone()),
+                elapsed: Duration::ZERO,
+                attempts: 0,
+                coalesced: false,
+                skipped: false,
+                fallback: None,
             };
-            (i, outcome)
-        })
-        .collect();
+            return Err(Failure {
+                error: Error::Source {
+                    source_name: outcome.source.clone(),
+                    error: error.clone(),
+                },
+                finished: vec![outcome],
+            });
+        }
+    }
+    let mut readers: Vec<Vec<usize>> = vec![Vec::new(); nodes.len()];
+    for (i, node) in nodes.iter().enumerate() {
+        for &d in &node.deps {
+            readers[d].push(i);
+        }
+    }
+    let mut slots: Vec<Option<Outcome>> = nodes.iter().map(|_| None).collect();
+    let mut waiting: Vec<Option<Node>> = Vec::with_capacity(nodes.len());
+    let mut pending = FuturesUnordered::new();
+    for (i, node) in nodes.into_iter().enumerate() {
+        let start = match node.start {
+            Start::Ready(requests) => Ok(requests),
+            Start::Failed(error) => Err(error),
+            Start::Later => {
+                waiting.push(Some(node));
+                continue;
+            }
+        };
+        pending.push(node::run(i, node.source, node.optional, start, deadline));
+        waiting.push(None);
+    }
 
     let collect = async {
         while let Some((i, outcome)) = pending.next().await {
             // Kept before deciding anything, so the log tells who failed.
             let slot = slots[i].insert(outcome);
-            let Err(error) = &slot.result else {
-                continue;
-            };
-            // A source whose budget was this very deadline may report it a
-            // moment before our timer does: the call is what expired. Not so
-            // a source that waited out the deadline for a free connection:
-            // that wait is why the deadline passed.
-            if deadline.is_expired() && !error.is_wait_for_connection() {
-                return Err(Error::DeadlineExceeded(started.elapsed()));
+            if let Err(error) = &slot.result {
+                // A source whose budget was this very deadline may report it a
+                // moment before our timer does: the call is what expired. Not so
+                // a source that waited out the deadline for a free connection:
+                // that wait is why the deadline passed.
+                if deadline.is_expired() && !error.is_wait_for_connection() {
+                    return Err(Error::DeadlineExceeded(started.elapsed()));
+                }
+                if mode == Mode::FailFast && !slot.optional {
+                    return Err(Error::Source {
+                        source_name: slot.source.clone(),
+                        error: error.clone(),
+                    });
+                }
             }
-            if mode == Mode::FailFast && !slot.optional {
-                return Err(Error::Source {
-                    source_name: slot.source.clone(),
-                    error: error.clone(),
-                });
+            for &r in &readers[i] {
+                let ready = waiting[r]
+                    .as_ref()
+                    .is_some_and(|n| n.deps.iter().all(|&d| slots[d].is_some()));
+                let Some(node) = ready.then(|| waiting[r].take()).flatten() else {
+                    continue;
+                };
+                let start = start_reader(&node, &slots, &renderer);
+                pending.push(node::run(r, node.source, node.optional, start, deadline));
             }
         }
         Ok(())
@@ -141,6 +176,23 @@ pub async fn run(calls: Vec<Dispatch<'_>>, policy: Policy) -> Result<Vec<Outcome
         error,
         finished: slots.into_iter().flatten().collect(),
     })
+}
+
+/// A reader whose sources have all finished: skipped if one failed, else
+/// rendered from their results.
+fn start_reader(
+    node: &Node,
+    slots: &[Option<Outcome>],
+    renderer: &Renderer,
+) -> Result<Requests, SourceError> {
+    let mut sources = Vec::with_capacity(node.deps.len());
+    for outcome in node.deps.iter().filter_map(|&d| slots[d].as_ref()) {
+        match &outcome.result {
+            Ok(value) => sources.push((&*outcome.source, value)),
+            Err(_) => return Err(SourceError::DependencyFailed(outcome.source.clone())),
+        }
+    }
+    renderer.render(node.source, &sources)
 }
 
 /// A call whose sources all finished: fewer successes than `min_success`
