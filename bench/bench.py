@@ -36,6 +36,7 @@ TARGETS = {
     "fanout16_p50_us": 5300,
     "rss_idle_mb": 15,
     "rss_10k_mb": 64,
+    "rss_10k_http_mb": 100,
 }
 
 
@@ -420,6 +421,15 @@ class Bench:
             "peak_rss_mb": round(gw.rss_mb("VmHWM"), 1),
             "rps": round(both["rps"]),
         }
+        # The same with `http2 = true` on the HTTP source, on a fresh gateway:
+        # the calls share one upstream connection.
+        gw2, target2 = self.gateway("slow_h2", gateway_config([("h2", grpc, http)], http2=True))
+        self.load(target2, "aggregate", "dash_h2", concurrency=1, duration="200ms", warmup="0s")
+        both = self.load(target2, "aggregate", "dash_h2", **opts)
+        self.results["in_flight_10k"]["grpc_and_http2"] = {
+            "peak_rss_mb": round(gw2.rss_mb("VmHWM"), 1),
+            "rps": round(both["rps"]),
+        }
 
     def stop(self):
         for p in reversed(self.processes):
@@ -447,7 +457,7 @@ def parse_seconds(text):
     return float(m[1]) / (1000 if m[2] == "ms" else 1)
 
 
-def gateway_config(sets, fanout=None):
+def gateway_config(sets, fanout=None, http2=False):
     """One gRPC and one HTTP source per upstream set, a 2-source aggregation
     over each, and 16 alternating sources for the fan-out aggregations."""
     # Every call asks for the same user: coalescing would answer most of
@@ -464,7 +474,8 @@ def gateway_config(sets, fanout=None):
         )
 
     def http(name, addr):
-        out.append(f'[sources.{name}]\nkind = "http"\nurl = "http://{addr}/users/{{user_id}}/orders"\n')
+        out.append(f'[sources.{name}]\nkind = "http"\nurl = "http://{addr}/users/{{user_id}}/orders"\n'
+                   + ("http2 = true\n" if http2 else ""))
 
     def aggregation(name, sources):
         names = ", ".join(f'"{s}"' for s in sources)
@@ -595,6 +606,12 @@ def table(r, place):
          f"{m['grpc_and_http']['peak_rss_mb']:.1f} MB (HTTP/1: one upstream connection per call)"
          if m["grpc_and_http"] else "skipped: the open-files limit is below 11,000",
          "", ""),
+        ("Peak RSS, 10k in flight, gRPC + HTTP source with http2 = true",
+         f"{m['grpc_and_http2']['peak_rss_mb']:.1f} MB (one upstream connection for all)"
+         if m.get("grpc_and_http2") else "skipped: the open-files limit is below 11,000",
+         f"≤ {TARGETS['rss_10k_http_mb']} MB",
+         verdict(m["grpc_and_http2"]["peak_rss_mb"], TARGETS["rss_10k_http_mb"])
+         if m.get("grpc_and_http2") else ""),
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = [f"placement: {place.describe()}", ""]

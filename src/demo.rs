@@ -59,7 +59,12 @@ pub async fn serve(
     let shutdown = futures_util::FutureExt::shared(Box::pin(shutdown));
     let drain = Duration::from_secs(1);
     let orders = TowerToHyperService::new(tower::service_fn(move |req| orders(req, delay)));
-    let http_server = auto::Builder::new(TokioExecutor::new());
+    let mut http_server = auto::Builder::new(TokioExecutor::new());
+    // Over HTTP/2 (`http2 = true` sources) every call in flight shares one
+    // connection, as for the gRPC upstream.
+    http_server
+        .http2()
+        .max_concurrent_streams(UPSTREAM_H2.max_concurrent_streams);
     let policy = ConnPolicy::default();
     tokio::join!(
         // The gateway holds one connection per gRPC upstream; let it carry

@@ -32,6 +32,9 @@ pub struct PoolSpec {
     pub max_idle: usize,
     /// How long an idle socket is kept.
     pub idle_timeout: Duration,
+    /// HTTP/2: with prior knowledge over plain TCP (h2c), by ALPN over TLS
+    /// (h2, else HTTP/1.1). Requests then share connections.
+    pub http2: bool,
 }
 
 impl Validator<'_> {
@@ -105,6 +108,7 @@ impl Validator<'_> {
             max_connections,
             max_idle,
             idle_timeout,
+            http2: model.http2.unwrap_or(false),
         })
     }
 }

@@ -69,6 +69,7 @@ pub(super) struct SourceModel {
     pub(super) pool_max_idle: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     pub(super) pool_idle_timeout: Option<std::time::Duration>,
+    pub(super) http2: Option<bool>,
     // Composition
     pub(super) for_each: Option<String>,
     pub(super) max_parallel: Option<usize>,
@@ -94,7 +95,9 @@ impl SourceModel {
                 // One HTTP/2 connection carries every call to a gRPC upstream.
                 .or(set(self.max_connections.is_some(), "max_connections"))
                 .or(set(self.pool_max_idle.is_some(), "pool_max_idle"))
-                .or(set(self.pool_idle_timeout.is_some(), "pool_idle_timeout")),
+                .or(set(self.pool_idle_timeout.is_some(), "pool_idle_timeout"))
+                // gRPC is HTTP/2 already.
+                .or(set(self.http2.is_some(), "http2")),
             SourceKindModel::Http => set(self.endpoint.is_some(), "endpoint")
                 .or(set(self.metadata.is_some(), "metadata"))
                 .or(set(self.request.is_some(), "request"))

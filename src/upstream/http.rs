@@ -33,8 +33,9 @@ type Connector = HttpsConnector<CappedConnector>;
 pub struct HttpUpstream {
     client: Client<Connector, Full<Bytes>>,
     /// One per connection: a request holds one from before it is sent until
-    /// its body is read, so calls beyond the cap wait here, in order.
-    slots: Arc<Semaphore>,
+    /// its body is read, so calls beyond the cap wait here, in order. None
+    /// for HTTP/2, where requests share connections.
+    slots: Option<Arc<Semaphore>>,
     max_connections: usize,
     /// Health checks have a connection of their own: a saturated pool must
     /// not read as an unhealthy upstream.
@@ -56,23 +57,30 @@ impl HttpUpstream {
                 Some(name) => builder.with_server_name_resolver(FixedServerNameResolver::new(name)),
                 None => builder,
             };
-            builder
-                .enable_http1()
-                .wrap_connector(CappedConnector::new(sockets))
+            let sockets = CappedConnector::new(sockets);
+            // Over TLS, ALPN offers h2 and HTTP/1.1 and the server picks.
+            if pool.http2 {
+                builder.enable_all_versions().wrap_connector(sockets)
+            } else {
+                builder.enable_http1().wrap_connector(sockets)
+            }
         };
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_max_idle_per_host(pool.max_idle)
             .pool_idle_timeout(pool.idle_timeout)
+            // Plain TCP has no ALPN: h2c with prior knowledge.
+            .http2_only(pool.http2 && tls.is_none())
             .build(connector(pool.max_connections));
         let checks = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_max_idle_per_host(1)
+            .http2_only(pool.http2 && tls.is_none())
             .build(connector(1));
         Self {
             dialer: connector(1),
             client,
-            slots: Arc::new(Semaphore::new(pool.max_connections)),
+            slots: (!pool.http2).then(|| Arc::new(Semaphore::new(pool.max_connections))),
             max_connections: pool.max_connections,
             checks,
         }
@@ -85,9 +93,13 @@ impl HttpUpstream {
         deadline: Deadline,
         limit: usize,
     ) -> Result<(serde_json::Value, StatusCode), SourceError> {
-        let slot = tokio::time::timeout_at(deadline.instant(), self.slots.acquire()).await;
-        let Ok(Ok(_slot)) = slot else {
-            return Err(SourceError::NoConnection(self.max_connections));
+        let _slot = match &self.slots {
+            Some(slots) => match tokio::time::timeout_at(deadline.instant(), slots.acquire()).await
+            {
+                Ok(Ok(slot)) => Some(slot),
+                _ => return Err(SourceError::NoConnection(self.max_connections)),
+            },
+            None => None,
         };
         send(&self.client, request, limit).await
     }

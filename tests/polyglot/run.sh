@@ -109,29 +109,17 @@ wait_ready "$tmp/upstreams.log" "${pids[-1]}" "demo upstreams ready"
 grpc_addr=$(field "$tmp/upstreams.log" "demo upstreams ready" grpc)
 http_addr=$(field "$tmp/upstreams.log" "demo upstreams ready" http)
 
-# The sources point at the upstreams just started; the aggregations are
-# copied from the example, so the clients test what the README documents.
-{
-  cat <<EOF
-[server]
-listen = "127.0.0.1:0"
-drain_timeout = "1s"
-
-[sources.profile]
-kind = "grpc"
-endpoint = "http://$grpc_addr"
-method = "demo.v1.Profiles/GetProfile"
-request = { user_id = "{user_id}" }
-timeout = "500ms"
-
-[sources.orders]
-kind = "http"
-url = "http://$http_addr/users/{user_id}/orders"
-timeout = "500ms"
-
-EOF
-  awk '/^\[/ { keep = /^\[aggregations\./ } keep' "$root/examples/gateway.toml"
-} >"$tmp/gateway.toml"
+# The example config itself, pointed at the upstreams just started, so the
+# clients test what the README documents.
+sed -e "s/127\.0\.0\.1:50061/$grpc_addr/g" \
+    -e "s/127\.0\.0\.1:8081/$http_addr/g" \
+    -e 's/^listen = "127\.0\.0\.1:50051"/listen = "127.0.0.1:0"/' \
+    -e 's/^drain_timeout = .*/drain_timeout = "1s"/' \
+    "$root/examples/gateway.toml" >"$tmp/gateway.toml"
+if ! grep -q "^listen = \"127.0.0.1:0\"" "$tmp/gateway.toml"; then
+  echo "run.sh: examples/gateway.toml no longer sets listen = \"127.0.0.1:50051\"" >&2
+  exit 1
+fi
 for name in user_dashboard user_profile; do
   if ! grep -q "^\[aggregations\.$name\]" "$tmp/gateway.toml"; then
     echo "run.sh: examples/gateway.toml has no [aggregations.$name], which the clients call" >&2

@@ -130,6 +130,7 @@ impl Profiles for TestProfiles {
             target: user_id.clone(),
             headers,
             body: Bytes::new(),
+            version: http::Version::HTTP_2,
         });
         let nth = self.log.stats().started;
         if let Some(gate) = &self.behaviour.gate {
@@ -162,6 +163,7 @@ pub async fn grpc_answering(message: Bytes) -> Running {
             log.start(Seen {
                 target: req.uri().path().to_owned(),
                 body: Bytes::new(),
+                version: req.version(),
                 headers: req.headers().clone(),
             })
             .finish();

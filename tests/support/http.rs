@@ -145,6 +145,7 @@ impl HttpUpstream {
                     .map(|p| p.to_string())
                     .unwrap_or_default();
                 let headers = req.headers().clone();
+                let version = req.version();
                 let body = match &behaviour.handler {
                     Some(_) => match http_body_util::BodyExt::collect(req.into_body()).await {
                         Ok(body) => body.to_bytes(),
@@ -157,6 +158,7 @@ impl HttpUpstream {
                     target,
                     headers,
                     body,
+                    version,
                 });
                 let nth = log.stats().started;
                 if let Some(gate) = &behaviour.gate {

@@ -52,6 +52,8 @@ pub struct Seen {
     pub headers: http::HeaderMap,
     /// The request body, for an HTTP upstream that answers by request.
     pub body: bytes::Bytes,
+    /// The HTTP version it came over.
+    pub version: http::Version,
 }
 
 impl Log {
