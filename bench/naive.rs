@@ -129,9 +129,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let channel = Channel::from_shared(format!("http://{}", args.grpc))?
         .connect()
         .await?;
+    // TCP_NODELAY, as tonic's `serve(addr)` and reqwest set by default:
+    // without it, Nagle and delayed ACKs stall small writes by ~40 ms.
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
     let naive = Naive {
         profiles: ProfilesClient::new(channel),
-        http: Client::builder(TokioExecutor::new()).build_http(),
+        http: Client::builder(TokioExecutor::new()).build(connector),
         orders: format!("http://{}", args.http),
     };
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
@@ -141,9 +145,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         listener.local_addr()?
     );
     let mut terminate = signal(SignalKind::terminate())?;
+    let incoming = tokio_stream::StreamExt::map(TcpListenerStream::new(listener), |socket| {
+        socket.and_then(|s| s.set_nodelay(true).map(|()| s))
+    });
     tonic::transport::Server::builder()
         .add_service(AggregatorServer::new(naive))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             terminate.recv().await;
         })
         .await?;
