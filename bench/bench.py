@@ -17,11 +17,13 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FANOUT = [1, 2, 4, 8, 16]
@@ -79,6 +81,7 @@ class Process:
         self.log = open(log_path, "w+")
         env = dict(os.environ, RUST_LOG=QUIET_LOG)
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self.log, env=env)
+        self.events = []
         self.fields = self._wait_ready(ready)
 
     def _wait_ready(self, message):
@@ -96,9 +99,28 @@ class Process:
                     event = json.loads(line)
                 except json.JSONDecodeError:
                     continue
+                self.events.append(event)
                 if event.get("message") == message:
                     return event
         sys.exit(f"bench: no '{message}' from {self.proc.args}")
+
+    def metrics_url(self):
+        """Where the process serves /metrics, if it does."""
+        for event in self.events:
+            if event.get("message") == "metrics at /metrics":
+                return f"http://{event['addr']}/metrics"
+        return None
+
+    def calls(self, aggregation):
+        """aggregator_calls_total for `aggregation`, by code."""
+        text = urllib.request.urlopen(self.metrics_url(), timeout=10).read().decode()
+        out = {}
+        for line in text.splitlines():
+            m = re.match(r'aggregator_calls_total\{(.*)\} (\S+)', line)
+            if m and f'aggregation="{aggregation}"' in m.group(1):
+                code = re.search(r'code="([^"]+)"', m.group(1)).group(1)
+                out[code] = out.get(code, 0) + float(m.group(2))
+        return out
 
     @property
     def pid(self):
@@ -137,6 +159,7 @@ class Bench:
         self.place = Placement(args.pin)
         self.processes = []
         self.upstream_procs = {}
+        self.redis_procs = []
         self.results = {}
         self.open_files = open_files_limit()
 
@@ -177,6 +200,42 @@ class Bench:
         self.processes.append(p)
         return p, "http://" + p.fields["addr"]
 
+    def h2load(self, target, path, body, connections=8, streams=8, role="load"):
+        """h2load (Debian nghttp2-client) posting the gRPC frame `body` to
+        `path`, `connections` x `streams` in flight: {rps, requests}. It sees
+        HTTP statuses only, not gRPC ones: the caller checks those through
+        the gateway's metrics."""
+        a = self.args
+        body_file = self.tmp / f"body-{len(body)}-{hash(body) & 0xffff}.bin"
+        body_file.write_bytes(body)
+        argv = ["h2load", "-c", str(connections), "-m", str(streams), "-t", "1",
+                "-D", f"{parse_seconds(a.duration):g}", "--warm-up-time", f"{parse_seconds(a.warmup):g}",
+                "-d", str(body_file), "-H", "content-type: application/grpc", "-H", "te: trailers",
+                target + path]
+        out = subprocess.run(self.place.wrap(role, argv), check=True, capture_output=True, text=True).stdout
+        rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
+        done = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded", out)
+        total, succeeded = int(done.group(2)), int(done.group(3))
+        if total == 0 or succeeded != total:
+            sys.exit(f"bench: h2load against {path}: {succeeded} of {total} answered 2xx\n{out}")
+        return {"rps": rps, "requests": total}
+
+    def h2load_cpu(self, gw, target, aggregation):
+        """An h2load saturating run of `aggregation` on gateway `gw`: the
+        report with the gateway's CPU µs per call, every call checked OK in
+        the gateway's metrics."""
+        before, cpu = gw.calls(aggregation), gw.cpu_seconds()
+        report = self.h2load(target, "/aggregator.v1.Aggregator/Aggregate", aggregate_body(aggregation))
+        cpu = gw.cpu_seconds() - cpu
+        after = gw.calls(aggregation)
+        delta = {c: after.get(c, 0) - before.get(c, 0) for c in after}
+        answered = sum(delta.values())
+        if set(c for c, n in delta.items() if n) != {"OK"}:
+            sys.exit(f"bench: h2load calls of {aggregation} ended with {delta}")
+        report["cpu_us_per_request"] = cpu * 1e6 / answered
+        report["answered_ok"] = int(answered)
+        return report
+
     def load(self, target, call, aggregation="", role="load", **opts):
         opts.setdefault("warmup", self.args.warmup)
         argv = [self.loadgen, "--target", target, "--call", call]
@@ -193,6 +252,26 @@ class Bench:
         if report["ok"] != report["requests"] or report["requests"] == 0:
             sys.exit(f"bench: non-OK statuses from {call} {aggregation}: {report['codes']} {report['samples']}")
         return report
+
+    def redis(self):
+        """A redis-server on a free port, pinned with the upstreams: its
+        URL, or None when redis-server is not installed."""
+        if not shutil.which("redis-server"):
+            return None
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no"]
+        proc = subprocess.Popen(self.place.wrap("upstreams", argv), stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+        self.redis_procs.append(proc)
+        for line in proc.stdout:
+            if "Ready to accept connections" in line:
+                # Drain the rest of its log so it never blocks on the pipe.
+                subprocess.Popen(["cat"], stdin=proc.stdout, stdout=subprocess.DEVNULL)
+                return f"redis://127.0.0.1:{port}/0"
+        sys.exit(f"bench: redis-server on port {port} exited before it was ready")
 
     # ---- scenarios ----
 
@@ -217,6 +296,7 @@ class Bench:
         self.saturation(gw, target, "http://" + grpc0)
         self.tracing(gw, target, grpc0, http0)
         self.chain(gw, target)
+        self.cache(grpc0, http0)
         self.fanout(target)
         self.under_load(target, "http://" + grpc0)
         self.results["rss_peak_mb"] = round(gw.rss_mb("VmHWM"), 1)
@@ -286,6 +366,7 @@ class Bench:
             report, cpu = self.cpu_per_call(naive_proc, naive, opts)
             naive_cpu_us.append(cpu)
             rows["naive"].append(report)
+        h2 = self.h2load_saturation(gw, gateway, direct)
         direct_rps = statistics.median(r["rps"] for r in rows["direct"])
         gateway_rps = statistics.median(r["rps"] for r in rows["gateway"])
         naive_rps = statistics.median(r["rps"] for r in rows["naive"])
@@ -298,6 +379,35 @@ class Bench:
             "gateway_cpu_us_per_request": round(statistics.median(cpu_us), 1),
             "naive_cpu_us_per_request": round(statistics.median(naive_cpu_us), 1),
             "concurrency": a.saturation_concurrency,
+            "rounds": rows,
+            "h2load": h2,
+        }
+
+    def h2load_saturation(self, gw, gateway, direct):
+        """The same saturation, driven by h2load -c 8 -m 8 (the pattern that
+        once cost 2.5x the CPU per call): ours, the naive peer, direct."""
+        if not shutil.which("h2load"):
+            return None
+        naive_proc, naive = self.naive0
+        rows = {"gateway": [], "naive": [], "direct": []}
+        for _ in range(self.args.rounds):
+            rows["direct"].append(self.h2load(direct, "/demo.v1.Profiles/GetProfile", profile_body()))
+            rows["gateway"].append(self.h2load_cpu(gw, gateway, "dash_d0"))
+            cpu = naive_proc.cpu_seconds()
+            report = self.h2load(naive, "/aggregator.v1.Aggregator/Aggregate", aggregate_body("dash_d0"))
+            a = self.args
+            total = report["requests"] * (1 + parse_seconds(a.warmup) / parse_seconds(a.duration))
+            report["cpu_us_per_request"] = (naive_proc.cpu_seconds() - cpu) * 1e6 / total
+            rows["naive"].append(report)
+        med = lambda side, key: statistics.median(r[key] for r in rows[side])
+        return {
+            "gateway_rps": round(med("gateway", "rps")),
+            "naive_rps": round(med("naive", "rps")),
+            "direct_rps": round(med("direct", "rps")),
+            "ratio": round(med("gateway", "rps") / med("direct", "rps"), 3),
+            "ratio_to_naive": round(med("gateway", "rps") / med("naive", "rps"), 3),
+            "gateway_cpu_us_per_request": round(med("gateway", "cpu_us_per_request"), 1),
+            "naive_cpu_us_per_request": round(med("naive", "cpu_us_per_request"), 1),
             "rounds": rows,
         }
 
@@ -325,6 +435,29 @@ class Bench:
             "flat_cpu_us_per_request": round(statistics.median(flat), 1),
             "chain_cpu_us_per_request": round(statistics.median(chain), 1),
         }
+
+    def cache(self, grpc, http):
+        """CPU per call of the 2-source Aggregate answered from each source's
+        cache (every call asks for the same user: after the first, all hits),
+        with the memory store and with Redis."""
+        a = self.args
+        opts = dict(concurrency=a.saturation_concurrency, connections=4, duration=a.duration)
+        stores = [("memory", "")]
+        redis = self.redis()
+        if redis:
+            stores.append(("redis", f'store = "{redis}"\nstore_timeout = "100ms"\n'))
+        out = {}
+        for name, server in stores:
+            config = gateway_config([("d0", grpc, http)], cache=True, server=server)
+            gw, target = self.gateway(f"cache_{name}", config)
+            self.load(target, "aggregate", "dash_d0", concurrency=1, duration="200ms", warmup="0s")
+            runs = [self.cpu_per_call(gw, target, opts) for _ in range(a.rounds)]
+            out[name] = {
+                "cpu_us_per_request": round(statistics.median(c for _, c in runs), 1),
+                "rps": round(statistics.median(r["rps"] for r, _ in runs)),
+            }
+            gw.stop()
+        self.results["cache"] = out
 
     def tracing(self, gw, gateway, grpc, http):
         """The same saturating load on a second gateway that samples every
@@ -434,6 +567,30 @@ class Bench:
     def stop(self):
         for p in reversed(self.processes):
             p.stop()
+        for p in self.redis_procs:
+            p.terminate()
+            p.wait()
+
+
+def _field(number, data):
+    """A length-delimited protobuf field."""
+    assert len(data) < 128
+    return bytes([number << 3 | 2, len(data)]) + data
+
+
+def grpc_frame(message):
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+def aggregate_body(aggregation, user="42"):
+    """An AggregateRequest {aggregation, params: {user_id}} as a gRPC frame."""
+    entry = _field(1, b"user_id") + _field(2, user.encode())
+    return grpc_frame(_field(1, aggregation.encode()) + _field(2, entry))
+
+
+def profile_body(user="42"):
+    """A demo.v1 GetProfileRequest {user_id} as a gRPC frame."""
+    return grpc_frame(_field(1, user.encode()))
 
 
 def open_files_limit():
@@ -457,25 +614,30 @@ def parse_seconds(text):
     return float(m[1]) / (1000 if m[2] == "ms" else 1)
 
 
-def gateway_config(sets, fanout=None, http2=False):
+def gateway_config(sets, fanout=None, http2=False, cache=False, server=""):
     """One gRPC and one HTTP source per upstream set, a 2-source aggregation
-    over each, and 16 alternating sources for the fan-out aggregations."""
+    over each, and 16 alternating sources for the fan-out aggregations; with
+    `cache`, every source caches its answers for an hour. `server` adds
+    lines to [server]."""
     # Every call asks for the same user: coalescing would answer most of
     # them from another's request, so it is off to measure the full path.
     # HTTP sources may open a connection per call in flight (10,000 in the
     # in-flight run), as before the per-source cap existed.
-    out = ['[server]\nlisten = "127.0.0.1:0"\ndrain_timeout = "1s"\n'
+    out = ['[server]\nlisten = "127.0.0.1:0"\nmetrics_listen = "127.0.0.1:0"\ndrain_timeout = "1s"\n' + server +
            '[defaults]\ncoalesce = false\nmax_connections = 20000\n']
+    cached = 'cache = { ttl = "1h" }\n' if cache else ""
+
 
     def grpc(name, addr):
         out.append(
             f'[sources.{name}]\nkind = "grpc"\nendpoint = "http://{addr}"\n'
             f'method = "demo.v1.Profiles/GetProfile"\nrequest = {{ user_id = "{{user_id}}" }}\n'
+            + cached
         )
 
     def http(name, addr):
         out.append(f'[sources.{name}]\nkind = "http"\nurl = "http://{addr}/users/{{user_id}}/orders"\n'
-                   + ("http2 = true\n" if http2 else ""))
+                   + ("http2 = true\n" if http2 else "") + cached)
 
     def aggregation(name, sources):
         names = ", ".join(f'"{s}"' for s in sources)
@@ -570,6 +732,16 @@ def table(r, place):
          f"{s['gateway_rps']}/s vs {s['naive_rps']}/s = {s['ratio_to_naive']:.2f}", "", ""),
         ("Gateway CPU per 2-source Aggregate (metrics on)",
          f"{s['gateway_cpu_us_per_request']:.0f} µs (naive peer {s['naive_cpu_us_per_request']:.0f} µs)", "", ""),
+    ]
+    h2 = s.get("h2load")
+    rows += [
+        ("Same under h2load -c 8 -m 8: ours / naive / direct",
+         f"{h2['gateway_rps']}/s / {h2['naive_rps']}/s / {h2['direct_rps']}/s "
+         f"(ours {h2['ratio_to_naive']:.2f}x naive, {h2['ratio']:.2f}x direct)"
+         if h2 else "skipped: h2load (nghttp2-client) is not installed", "", ""),
+        ("Gateway CPU per 2-source Aggregate under h2load",
+         f"{h2['gateway_cpu_us_per_request']:.0f} µs (naive peer {h2['naive_cpu_us_per_request']:.0f} µs)"
+         if h2 else "", "", ""),
         ("Same, every call traced to an OTLP receiver",
          f"{t['cpu_us_per_request_on']:.0f} µs against {t['cpu_us_per_request_off']:.0f} µs untraced "
          f"({t['cost_us']:+.0f} µs; {t['spans_received_per_call']} spans received per call)",
@@ -578,6 +750,15 @@ def table(r, place):
          f"{c['chain_cpu_us_per_request']:.0f} µs vs {c['flat_cpu_us_per_request']:.0f} µs "
          f"({c['chain_cpu_us_per_request'] - c['flat_cpu_us_per_request']:+.0f} µs)", "", ""),
     ]
+    cache = r.get("cache", {})
+    for store, label in [("memory", "in memory"), ("redis", "in Redis")]:
+        row = cache.get(store)
+        rows.append((
+            f"Gateway CPU per 2-source Aggregate, both cache hits {label}",
+            f"{row['cpu_us_per_request']:.0f} µs ({row['rps']}/s at saturation; "
+            f"uncached {s['gateway_cpu_us_per_request']:.0f} µs)"
+            if row else "skipped: redis-server is not installed",
+            "", ""))
     for n in FANOUT:
         row = f[str(n)]
         target = f"≤ {TARGETS['fanout16_p50_us'] / 1000:.1f} ms" if n == 16 else ""

@@ -94,6 +94,7 @@ fn merge(c: &mut Criterion) {
         coalesced: false,
         skipped: false,
         fallback: None,
+        cached: None,
     };
     c.bench_function("merge/aggregate_response_2_sources", |b| {
         b.iter(|| {

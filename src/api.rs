@@ -7,6 +7,7 @@ use prost_types::{ListValue, Struct, Value, value::Kind};
 use tonic::{Request, Response, Status};
 
 use crate::{
+    cache::Cached,
     config::Mode,
     deadline::Deadline,
     error::{Error, status::MAX_MESSAGE_BYTES, truncate},
@@ -207,9 +208,11 @@ pub fn merge(outcomes: &mut [Outcome], shape: &Shape) -> Result<AggregateRespons
 /// The result without data. A fallback may stand in for the data; the
 /// code still tells the truth.
 fn source_result(outcome: &Outcome) -> SourceResult {
-    let (code, message) = match &outcome.result {
-        Ok(_) => (0, String::new()),
-        Err(e) => (e.code() as i32, truncate(&e.to_string(), MAX_MESSAGE_BYTES)),
+    let (code, message) = match (&outcome.result, &outcome.cached) {
+        // A stale entry stood in for this failure.
+        (Ok(_), Some(Cached { error: Some(e), .. })) => (0, truncate(e, MAX_MESSAGE_BYTES)),
+        (Ok(_), _) => (0, String::new()),
+        (Err(e), _) => (e.code() as i32, truncate(&e.to_string(), MAX_MESSAGE_BYTES)),
     };
     SourceResult {
         source: outcome.source.to_string(),
@@ -220,6 +223,8 @@ fn source_result(outcome: &Outcome) -> SourceResult {
         attempts: outcome.attempts,
         coalesced: outcome.coalesced,
         skipped: outcome.skipped,
+        cached: outcome.cached.is_some(),
+        age: (outcome.cached.as_ref()).and_then(|c| prost_types::Duration::try_from(c.age).ok()),
     }
 }
 

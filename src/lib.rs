@@ -25,6 +25,11 @@
 //! - [`fanout`]: concurrent dispatch; fail-fast vs best-effort; `min_success`.
 //! - [`resilience`]: one state machine per file: bulkheads, retries,
 //!   coalescing, circuit breakers, hedging.
+//! - [`cache`]: a source's response cache (fresh, stale while revalidating,
+//!   stale if error), in memory or in the store.
+//! - [`ratelimit`]: `[rate_limits.NAME]`: GCRA per caller key.
+//! - [`store`]: where caches and limits keep state: memory, or a Redis all
+//!   replicas share, each operation within `store_timeout`.
 //! - [`upstream`]: one source's client: gRPC (dynamic messages, reflection
 //!   lookups shared and backed off) or HTTP (a capped pool per source).
 //! - [`error`]: typed errors and the one mapping to `tonic::Status`, bounded
@@ -35,6 +40,7 @@
 //! - [`pb`]: generated protobuf code.
 
 pub mod api;
+pub mod cache;
 pub mod check;
 pub mod config;
 pub mod deadline;
@@ -44,10 +50,12 @@ pub mod fanout;
 pub mod gateway;
 pub mod health;
 pub mod pb;
+pub mod ratelimit;
 pub mod request_id;
 pub mod resilience;
 pub mod server;
 pub mod signals;
+pub mod store;
 pub mod telemetry;
 pub mod template;
 pub mod transform;

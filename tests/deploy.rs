@@ -18,11 +18,14 @@ use yaml_rust2::{Yaml, YamlLoader};
 
 const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kubernetes");
 
-/// Every manifest, by kind.
-fn manifests() -> HashMap<String, Yaml> {
+/// Every manifest of the directory `dir` (not of its subdirectories), by kind.
+fn manifests_in(dir: &str) -> HashMap<String, Yaml> {
     let mut by_kind = HashMap::new();
-    for entry in std::fs::read_dir(DIR).unwrap() {
+    for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
+        if path.is_dir() {
+            continue;
+        }
         let text = std::fs::read_to_string(&path).unwrap();
         for doc in YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{path:?}: {e}")) {
             let kind = str_at(&doc, &["kind"]).to_owned();
@@ -30,6 +33,10 @@ fn manifests() -> HashMap<String, Yaml> {
         }
     }
     by_kind
+}
+
+fn manifests() -> HashMap<String, Yaml> {
+    manifests_in(DIR)
 }
 
 fn at<'a>(doc: &'a Yaml, path: &[&str]) -> &'a Yaml {
@@ -48,6 +55,16 @@ fn int_at(doc: &Yaml, path: &[&str]) -> i64 {
     at(doc, path)
         .as_i64()
         .unwrap_or_else(|| panic!("{} is not an integer", path.join(".")))
+}
+
+/// What a Kustomization lists under `resources`.
+fn resources(manifests: &HashMap<String, Yaml>) -> Vec<&str> {
+    at(&manifests["Kustomization"], &["resources"])
+        .as_vec()
+        .unwrap()
+        .iter()
+        .filter_map(Yaml::as_str)
+        .collect()
 }
 
 fn config_text(manifests: &HashMap<String, Yaml>) -> &str {
@@ -84,14 +101,19 @@ fn every_file_is_in_the_kustomization_and_every_kind_is_there() {
     ] {
         assert!(manifests.contains_key(kind), "no {kind}");
     }
-    let listed: Vec<&str> = at(&manifests["Kustomization"], &["resources"])
-        .as_vec()
-        .unwrap()
-        .iter()
-        .filter_map(Yaml::as_str)
-        .collect();
+    let listed = resources(&manifests);
     for entry in std::fs::read_dir(DIR).unwrap() {
-        let name = entry.unwrap().file_name().into_string().unwrap();
+        let entry = entry.unwrap();
+        let name = entry.file_name().into_string().unwrap();
+        if entry.path().is_dir() {
+            // An optional component: offered, commented, in the kustomization.
+            let text = std::fs::read_to_string(format!("{DIR}/kustomization.yaml")).unwrap();
+            assert!(
+                text.lines().any(|l| l.trim() == format!("# - {name}")),
+                "{name}/ is not offered in the kustomization"
+            );
+            continue;
+        }
         if name != "kustomization.yaml" {
             assert!(
                 listed.contains(&name.as_str()),
@@ -333,4 +355,63 @@ async fn the_gateway_running_the_configmap_answers_its_probes() {
     tokio::time::timeout(Duration::from_secs(30), not_serving)
         .await
         .expect("readiness turns NOT_SERVING");
+}
+
+/// The ConfigMap's config with its commented `store` lines put in force.
+fn config_with_store(manifests: &HashMap<String, Yaml>) -> String {
+    let text = config_text(manifests);
+    let mut found = false;
+    let config = text
+        .lines()
+        .map(|line| match line.trim().strip_prefix("# store") {
+            Some(rest) => {
+                found = true;
+                format!("store{rest}")
+            }
+            None => line.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(found, "the ConfigMap offers no commented `store`");
+    config
+}
+
+#[tokio::test]
+async fn the_optional_redis_is_the_store_the_configmap_offers() {
+    let redis = manifests_in(&format!("{DIR}/redis"));
+    let listed = resources(&redis);
+    assert_eq!(listed, ["statefulset.yaml", "service.yaml"]);
+    let service = &redis["Service"];
+    let set = &redis["StatefulSet"];
+    let labels = at(set, &["spec", "template", "metadata", "labels"]);
+    assert_eq!(at(service, &["spec", "selector"]), labels);
+    assert_eq!(at(set, &["spec", "selector", "matchLabels"]), labels);
+    let port = &at(service, &["spec", "ports"])[0];
+    let container = &at(set, &["spec", "template", "spec", "containers"])[0];
+    assert_eq!(port_named(container, str_at(port, &["targetPort"])), 6379);
+
+    let manifests = manifests();
+    let config = config_with_store(&manifests);
+    let parsed =
+        Config::parse(&config, "configmap", Path::new(".")).unwrap_or_else(|e| panic!("{e}"));
+    let store = parsed.server.store.expect("store in force");
+    assert_eq!(
+        store,
+        format!(
+            "redis://{}:{}/0",
+            str_at(service, &["metadata", "name"]),
+            int_at(port, &["port"])
+        ),
+        "the store is the Service's address"
+    );
+    // The whole config, with the store and with the cache too, passes a strict check.
+    let config = config.replace("# cache = ", "cache = ");
+    let (path, _dir) = Process::config_file(&config);
+    let output = Process::run(&["check", "--config", path.to_str().unwrap(), "--strict"]).await;
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
 }

@@ -8,7 +8,7 @@ mod report;
 
 use std::{sync::Arc, time::Duration};
 
-use crate::config::{Config, HedgeDelay, SourceSpec};
+use crate::config::{Config, HedgeDelay, SourceKind, SourceSpec};
 
 pub use self::{
     probe::{ProbeRow, probe},
@@ -85,6 +85,19 @@ pub fn warnings(config: &Config) -> Vec<Warning> {
                 key("breaker"),
                 "the source has no `timeout`: a slow upstream cut by callers' deadlines never counts against its breaker".into(),
             );
+        }
+    }
+    for source in &config.sources {
+        if let (Some(_), SourceKind::Http(http)) = (&source.cache, &source.kind) {
+            if !matches!(http.method.as_str(), "GET" | "HEAD") {
+                warn(
+                    format!("sources.{}.cache", source.name),
+                    format!(
+                        "{} is not a read: within the ttl, an identical call is answered from the cache and never sent",
+                        http.method
+                    ),
+                );
+            }
         }
     }
     for source in unused(config) {
@@ -164,6 +177,17 @@ mod tests {
             "{SOURCE}timeout = \"1s\"\nhedge = {{ delay = \"p95\", min_delay = \"1s\" }}\n[aggregations.a]\nsources = [\"s\"]\n"
         ));
         assert_eq!(keys(&config), vec!["sources.s.hedge".to_owned()]);
+    }
+
+    #[test]
+    fn a_cache_on_a_write_is_named() {
+        let cached = |method: &str| {
+            parse(&format!(
+                "{SOURCE}timeout = \"1s\"\nmethod = \"{method}\"\ncache = {{ ttl = \"1s\" }}\n[aggregations.a]\nsources = [\"s\"]\n"
+            ))
+        };
+        assert_eq!(keys(&cached("POST")), vec!["sources.s.cache".to_owned()]);
+        assert_eq!(keys(&cached("GET")), Vec::<String>::new());
     }
 
     #[test]

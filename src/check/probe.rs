@@ -6,6 +6,7 @@ use tokio::time::Instant;
 
 use crate::{
     config::{Config, SourceKind},
+    store::Store,
     telemetry::metrics::Metrics,
     upstream::Source,
 };
@@ -37,7 +38,9 @@ pub async fn probe(config: &Config, timeout: Duration) -> Vec<ProbeRow> {
                 SourceKind::Grpc(_) => "grpc",
                 SourceKind::Http(_) => "http",
             };
-            let source = match Source::new(spec.clone(), metrics.source(&spec.name)) {
+            // Probes call upstreams directly: no cache answers for them.
+            let store = Store::memory(metrics.store());
+            let source = match Source::new(spec.clone(), metrics.source(&spec.name), &store) {
                 Ok(source) => source,
                 Err(error) => {
                     return ProbeRow {

@@ -30,11 +30,7 @@ pub async fn run(path: &Path, options: Options, out: &mut impl Write) -> std::io
     // The clients are built as at startup (TLS material included); the
     // gRPC ones connect lazily, so nothing is dialed here.
     if let Err(error) = Gateway::new(&config, &Metrics::default()) {
-        writeln!(
-            out,
-            "error: {origin}: `sources.{}`: {}",
-            error.source_name, error.error
-        )?;
+        writeln!(out, "error: {origin}: {error}")?;
         return Ok(false);
     }
     let warnings = warnings(&config);

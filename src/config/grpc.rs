@@ -27,7 +27,14 @@ pub struct GrpcSpec {
     /// Known at load when `protos` or `descriptor_set` is given; else learned
     /// from the upstream's reflection on first use.
     pub schema: Option<MethodSchema>,
+    /// HTTP/2 connections the source's calls are spread over.
+    pub connections: usize,
 }
+
+/// A gRPC source's connections when `connections` is not set.
+pub const DEFAULT_CONNECTIONS: usize = 2;
+/// The most a source may open: each is a task and its buffers.
+pub const MAX_CONNECTIONS: usize = 64;
 
 impl Validator<'_> {
     /// The gRPC part of `[sources.NAME]`.
@@ -73,6 +80,13 @@ impl Validator<'_> {
             .transpose()
             .map_err(|m: String| self.err(key("method"), m))?;
         let metadata = self.header_templates(&key("metadata"), model.metadata.as_ref(), true)?;
+        let connections = model.connections.unwrap_or(DEFAULT_CONNECTIONS);
+        if !(1..=MAX_CONNECTIONS).contains(&connections) {
+            return Err(self.err(
+                key("connections"),
+                format!("must be between 1 and {MAX_CONNECTIONS}"),
+            ));
+        }
         Ok(GrpcSpec {
             endpoint,
             service: service.to_owned(),
@@ -82,6 +96,7 @@ impl Validator<'_> {
             metadata,
             tls,
             schema,
+            connections,
         })
     }
 

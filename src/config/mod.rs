@@ -15,6 +15,7 @@ mod metadata;
 mod resilience;
 mod server;
 mod source;
+mod store;
 mod telemetry;
 mod tls;
 
@@ -35,8 +36,11 @@ pub use self::{
     resilience::{
         BreakerSpec, HealthCheckSpec, HealthTarget, HedgeDelay, HedgeSpec, RetryOn, RetrySpec,
     },
-    server::{DEFAULT_MAX_RESET_BURST, DEFAULT_MAX_RESETS_PER_SECOND, ServerSpec},
+    server::{
+        DEFAULT_MAX_RESET_BURST, DEFAULT_MAX_RESETS_PER_SECOND, DEFAULT_STORE_TIMEOUT, ServerSpec,
+    },
     source::{DEFAULT_MAX_RESPONSE_BYTES, SourceKind, SourceSpec},
+    store::{CacheSpec, DEFAULT_MAX_ENTRIES, KeyMissing, OnStoreError, RateLimitSpec},
     telemetry::TelemetrySpec,
     tls::{ListenerTls, UpstreamTls, provider as tls_provider},
 };
@@ -76,6 +80,8 @@ struct FileModel {
     aggregations: BTreeMap<String, AggregationModel>,
     #[serde(default)]
     telemetry: TelemetryModel,
+    #[serde(default)]
+    rate_limits: BTreeMap<String, store::RateLimitModel>,
 }
 
 /// A validated configuration.
@@ -89,6 +95,8 @@ pub struct Config {
     pub aggregations: Vec<AggregationSpec>,
     /// `[telemetry]`: traces.
     pub telemetry: TelemetrySpec,
+    /// Every `[rate_limits.NAME]`, sorted by name.
+    pub rate_limits: Vec<RateLimitSpec>,
 }
 
 impl Config {
@@ -130,8 +138,14 @@ impl Config {
             .aggregations
             .into_iter()
             .map(|(name, m)| v.aggregation(name, m, &sources))
+            .collect::<Result<Vec<_>, _>>()?;
+        let rate_limits = model
+            .rate_limits
+            .into_iter()
+            .map(|(name, m)| v.rate_limit(name, m, &aggregations))
             .collect::<Result<_, _>>()?;
         Ok(Self {
+            rate_limits,
             server,
             sources,
             aggregations,

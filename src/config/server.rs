@@ -18,6 +18,9 @@ use super::{
 pub const DEFAULT_MAX_RESETS_PER_SECOND: u32 = 2_000;
 pub const DEFAULT_MAX_RESET_BURST: u32 = 5_000;
 
+/// A store operation's budget: a down or paused Redis costs a call no more.
+pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_millis(20);
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct ServerModel {
@@ -53,6 +56,9 @@ pub(super) struct ServerModel {
     max_resets_per_second: u32,
     max_reset_burst: u32,
     tls: Option<ListenerTlsModel>,
+    store: Option<String>,
+    #[serde(with = "humantime_serde")]
+    store_timeout: Duration,
 }
 
 impl Default for ServerModel {
@@ -80,6 +86,8 @@ impl Default for ServerModel {
             max_resets_per_second: DEFAULT_MAX_RESETS_PER_SECOND,
             max_reset_burst: DEFAULT_MAX_RESET_BURST,
             tls: None,
+            store: None,
+            store_timeout: DEFAULT_STORE_TIMEOUT,
         }
     }
 }
@@ -130,6 +138,11 @@ pub struct ServerSpec {
     pub max_reset_burst: u32,
     /// TLS on the gRPC listener (mTLS with a client CA); plaintext without.
     pub tls: Option<ListenerTls>,
+    /// The Redis URL that caches and rate limits share; in this process
+    /// without it. It may hold a password: never logged.
+    pub store: Option<String>,
+    /// The budget of one store operation.
+    pub store_timeout: Duration,
 }
 
 impl Validator<'_> {
@@ -144,6 +157,7 @@ impl Validator<'_> {
             ("keepalive_timeout", model.keepalive_timeout),
             ("request_read_timeout", model.request_read_timeout),
             ("send_timeout", model.send_timeout),
+            ("store_timeout", model.store_timeout),
         ];
         let zero_counts = [
             ("max_connections", model.max_connections as u64),
@@ -173,6 +187,12 @@ impl Validator<'_> {
             return Err(self.err(format!("server.{key}"), "must be greater than zero"));
         }
         self.count("server.max_connections", model.max_connections)?;
+        if let Some(url) = &model.store {
+            // Checked here so that a typo is a startup error; connecting
+            // waits for the first call.
+            redis::Client::open(url.as_str())
+                .map_err(|e| self.err("server.store", format!("cannot be used: {e}")))?;
+        }
         Ok(ServerSpec {
             listen: model.listen,
             drain_timeout: model.drain_timeout,
@@ -197,6 +217,8 @@ impl Validator<'_> {
             max_resets_per_second: model.max_resets_per_second,
             max_reset_burst: model.max_reset_burst,
             tls: self.listener_tls(model.tls.as_ref())?,
+            store: model.store.clone(),
+            store_timeout: model.store_timeout,
         })
     }
 }

@@ -64,6 +64,7 @@ pub(super) struct SourceModel {
     pub(super) tls: Option<super::tls::UpstreamTlsModel>,
     // gRPC only
     pub(super) metadata: Option<BTreeMap<String, String>>,
+    pub(super) connections: Option<usize>,
     // HTTP only
     pub(super) max_connections: Option<usize>,
     pub(super) pool_max_idle: Option<usize>,
@@ -75,6 +76,7 @@ pub(super) struct SourceModel {
     pub(super) max_parallel: Option<usize>,
     pub(super) max_items: Option<usize>,
     pub(super) transform: Option<String>,
+    pub(super) cache: Option<super::store::CacheModel>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -100,6 +102,8 @@ impl SourceModel {
                 .or(set(self.http2.is_some(), "http2")),
             SourceKindModel::Http => set(self.endpoint.is_some(), "endpoint")
                 .or(set(self.metadata.is_some(), "metadata"))
+                // An HTTP source's pool is `max_connections`.
+                .or(set(self.connections.is_some(), "connections"))
                 .or(set(self.request.is_some(), "request"))
                 .or(set(self.protos.is_some(), "protos"))
                 .or(set(self.import_paths.is_some(), "import_paths"))
@@ -134,6 +138,8 @@ pub struct SourceSpec {
     pub for_each: Option<ForEach>,
     /// Reshapes the result before anything else sees it.
     pub transform: Option<Filter>,
+    /// Its successes are kept and served again.
+    pub cache: Option<super::store::CacheSpec>,
     pub kind: SourceKind,
     /// Equal for two loads of the same definition (its table, `[defaults]`,
     /// the files it reads): a reload keeps such a source as it is.
@@ -253,6 +259,7 @@ impl Validator<'_> {
             .transpose()
             .map_err(|m| self.err(key("fallback"), m))?;
         let (for_each, transform) = self.compose(&name, &model)?;
+        let cache = self.cache(&name, model.cache.as_ref())?;
         let kind = match model.kind {
             SourceKindModel::Grpc => SourceKind::Grpc(self.grpc(&name, &model)?),
             SourceKindModel::Http => SourceKind::Http(self.http(&name, &model)?),
@@ -277,6 +284,7 @@ impl Validator<'_> {
             forward_metadata,
             for_each,
             transform,
+            cache,
             kind,
             definition: std::hash::Hasher::finish(&*self.fingerprint.borrow()),
         })

@@ -55,6 +55,22 @@ pub enum Error {
     /// aggregation `transform`.
     #[error("{0}")]
     Shape(String),
+    /// The caller is over a `[rate_limits.NAME]`; no upstream was called.
+    #[error("rate limit '{limit}' exceeded ({rate}, burst {burst}): retry in {retry_after:?}")]
+    RateLimited {
+        limit: Arc<str>,
+        rate: Arc<str>,
+        burst: u32,
+        retry_after: Duration,
+    },
+    /// A rate limit's key could not be rendered from the call.
+    #[error("rate limit '{limit}': {error}")]
+    RateLimitKey { limit: Arc<str>, error: RenderError },
+    /// The store did not answer in time and the limit says `on_store_error = "deny"`.
+    #[error(
+        "rate limit '{limit}' cannot be checked: the store did not answer (on_store_error = \"deny\")"
+    )]
+    RateLimitUnchecked { limit: Arc<str> },
     /// Fewer sources of the call succeeded than its aggregation's `min_success`.
     #[error("{succeeded} of {total} sources succeeded (min_success = {min})")]
     TooFewSucceeded {

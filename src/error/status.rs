@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use tonic::{Code, Status};
-use tonic_types::{ErrorDetail, ErrorInfo, StatusExt};
+use tonic_types::{ErrorDetail, ErrorInfo, QuotaFailure, RetryInfo, StatusExt};
 
 use super::{ERROR_DOMAIN, Error, SourceError, codes::code_name, truncate};
 use crate::template::RenderError;
@@ -25,7 +25,11 @@ impl Error {
     pub fn code(&self) -> Code {
         match self {
             Self::UnknownAggregation(_) => Code::NotFound,
-            Self::UnknownSource { .. } | Self::Param(_) => Code::InvalidArgument,
+            Self::UnknownSource { .. } | Self::Param(_) | Self::RateLimitKey { .. } => {
+                Code::InvalidArgument
+            }
+            Self::RateLimited { .. } => Code::ResourceExhausted,
+            Self::RateLimitUnchecked { .. } => Code::Unavailable,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Self::Source { error, .. } => error.code(),
             Self::Overloaded(_) | Self::AnswerTooLarge { .. } | Self::PayloadTooLarge { .. } => {
@@ -89,7 +93,42 @@ impl Error {
                 [("max_payload_bytes", max.to_string())],
             )],
             Self::Shape(_) => vec![info("SHAPE_FAILED", [])],
+            Self::RateLimited { .. } => vec![],
+            Self::RateLimitKey { limit, error } => {
+                let missing = match error {
+                    RenderError::Missing(name) | RenderError::Invalid { name, .. } => {
+                        name.to_string()
+                    }
+                    other => other.to_string(),
+                };
+                vec![info(
+                    "RATE_LIMIT_KEY_MISSING",
+                    [("limit", limit.to_string()), ("key", missing)],
+                )]
+            }
+            Self::RateLimitUnchecked { limit } => {
+                vec![info("RATE_LIMIT_UNCHECKED", [("limit", limit.to_string())])]
+            }
         };
+        if let Self::RateLimited {
+            limit,
+            rate,
+            burst,
+            retry_after,
+        } = self
+        {
+            // When to come back, and which quota: what gRPC clients and
+            // their retry policies read.
+            let details = [
+                ErrorDetail::RetryInfo(RetryInfo::new(Some(*retry_after))),
+                ErrorDetail::QuotaFailure(QuotaFailure::with_violation(
+                    truncate(&format!("rate_limits.{limit}"), MAX_METADATA_VALUE_BYTES),
+                    format!("{rate}, burst {burst}"),
+                )),
+                ErrorDetail::ErrorInfo(info("RATE_LIMITED", [("limit", limit.to_string())])),
+            ];
+            return Status::with_error_details_vec(code, message, details);
+        }
         // As many details as fit: with many failed sources, the first ones.
         // The details travel as a google.rpc.Status that repeats the message.
         let mut budget = MAX_STATUS_BYTES.saturating_sub(2 * message.len() + 16);

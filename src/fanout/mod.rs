@@ -36,6 +36,8 @@ pub struct Outcome {
     pub skipped: bool,
     /// The source's configured stand-in data, when it failed.
     pub fallback: Option<serde_json::Value>,
+    /// Set when its cache answered (every item's, for a `for_each` source).
+    pub cached: Option<crate::cache::Cached>,
 }
 
 /// A failed call, with the sources that had finished by then (for the log).
@@ -97,6 +99,7 @@ pub async fn run(
                 coalesced: false,
                 skipped: false,
                 fallback: None,
+                cached: None,
             };
             return Err(Failure {
                 error: Error::Source {
@@ -236,6 +239,7 @@ mod tests {
             coalesced: false,
             skipped: false,
             fallback: None,
+            cached: None,
         }
     }
 

@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use super::Outcome;
 use crate::{
+    cache::Cached,
     deadline::Deadline,
     error::SourceError,
     telemetry::traces::CallSpan,
@@ -120,8 +121,8 @@ pub async fn run(
     deadline: Deadline,
 ) -> (usize, Outcome) {
     let t0 = Instant::now();
-    let (result, attempts, coalesced) = match start {
-        Err(error) => (Err(error), 0, false),
+    let (result, attempts, coalesced, cached) = match start {
+        Err(error) => (Err(error), 0, false, None),
         Ok(Requests::One(prepared)) => fetch(source, prepared, deadline).await,
         Ok(Requests::Each(requests)) => each(source, requests, deadline).await,
     };
@@ -148,17 +149,24 @@ pub async fn run(
         coalesced,
         skipped,
         fallback,
+        cached,
     };
     (i, outcome)
 }
 
-type Fetch = (Result<serde_json::Value, SourceError>, u32, bool);
+type Fetch = (
+    Result<serde_json::Value, SourceError>,
+    u32,
+    bool,
+    Option<Cached>,
+);
 
 async fn fetch(source: &Arc<Source>, prepared: Prepared, deadline: Deadline) -> Fetch {
     let Fetched {
         result,
         sent,
         coalesced,
+        cached,
     } = source.fetch(prepared, deadline).await;
     let attempts = match &result {
         // Nothing was sent: the request could not be built, or the
@@ -171,7 +179,7 @@ async fn fetch(source: &Arc<Source>, prepared: Prepared, deadline: Deadline) -> 
         ) if sent <= 1 => 0,
         _ => sent,
     };
-    (result, attempts, coalesced)
+    (result, attempts, coalesced, cached)
 }
 
 /// Every item's request, `max_parallel` at a time. The first failure, in
@@ -188,13 +196,26 @@ async fn each(source: &Arc<Source>, requests: Vec<Prepared>, deadline: Deadline)
     let total = requests.len();
     let mut slots: Vec<Option<serde_json::Value>> = vec![None; total];
     let (mut attempts, mut coalesced, mut bytes, mut done) = (0u32, false, 0usize, 0usize);
+    // Cached only if every item was: the oldest item's age, and the first
+    // failure an item stood in for.
+    let mut cached = (total > 0).then_some(Cached {
+        age: std::time::Duration::ZERO,
+        error: None,
+    });
     let mut items = stream::iter(requests.into_iter().enumerate())
         .map(|(index, prepared)| async move { (index, fetch(source, prepared, deadline).await) })
         .buffer_unordered(max_parallel);
     let mut started = max_parallel.min(total);
-    while let Some((index, (result, sent, shared))) = items.next().await {
+    while let Some((index, (result, sent, shared, item_cached))) = items.next().await {
         attempts = attempts.saturating_add(sent);
         coalesced |= shared;
+        cached = match (cached, item_cached) {
+            (Some(all), Some(item)) => Some(Cached {
+                age: all.age.max(item.age),
+                error: all.error.or(item.error),
+            }),
+            _ => None,
+        };
         done += 1;
         let error = match result {
             Ok(value) => {
@@ -215,10 +236,12 @@ async fn each(source: &Arc<Source>, requests: Vec<Prepared>, deadline: Deadline)
         };
         // The requests in flight now are dropped, but were sent.
         let in_flight = u32::try_from(started - done).unwrap_or(u32::MAX);
-        return (Err(error), attempts.saturating_add(in_flight), coalesced);
+        let attempts = attempts.saturating_add(in_flight);
+        return (Err(error), attempts, coalesced, None);
     }
     let results = slots.into_iter().flatten().collect();
-    (Ok(serde_json::Value::Array(results)), attempts, coalesced)
+    let results = Ok(serde_json::Value::Array(results));
+    (results, attempts, coalesced, cached)
 }
 
 /// The length of `value` as compact JSON, without writing it out.

@@ -91,7 +91,9 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// `profile=OK/3.1ms/coalesced orders=UNAVAILABLE/0.4ms/3x slow=cancelled`
-/// (`3x`: requests sent, with retries and hedges; `skipped`: circuit open)
+/// (`3x`: requests sent, with retries and hedges; `skipped`: circuit open;
+/// `cached`: the response cache answered, `stale-if-error` in place of a
+/// failure)
 struct Summary<'a>(&'a [Arc<str>], &'a [Outcome]);
 
 impl fmt::Display for Summary<'_> {
@@ -118,6 +120,11 @@ impl fmt::Display for Summary<'_> {
                     if o.skipped {
                         f.write_str("/skipped")?;
                     }
+                    match &o.cached {
+                        Some(c) if c.error.is_some() => f.write_str("/stale-if-error")?,
+                        Some(_) => f.write_str("/cached")?,
+                        None => {}
+                    }
                 }
                 None => write!(f, "{name}=cancelled")?,
             }
@@ -141,6 +148,7 @@ mod tests {
             coalesced: false,
             skipped: false,
             fallback: None,
+            cached: None,
         }
     }
 

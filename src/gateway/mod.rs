@@ -16,7 +16,9 @@ use crate::{
     deadline::Deadline,
     error::Error,
     fanout::{self, Outcome, Renderer},
+    ratelimit::RateLimits,
     resilience::bulkhead::Bulkhead,
+    store::Store,
     telemetry::{
         metrics::{CallMetrics, Metrics, Rpc},
         traces::{CallSpan, Tracing, trace_id_of},
@@ -40,18 +42,26 @@ pub struct Gateway {
     /// Calls naming no configured aggregation, by RPC.
     unknown: [CallMetrics; 2],
     tracing: Option<Tracing>,
+    /// Where caches and rate limits keep state.
+    store: Store,
+    rate_limits: RateLimits,
     /// The largest answer to send (`[server] max_answer_bytes`).
     pub max_answer_bytes: usize,
     /// The largest payload a call may bring (`[server] max_payload_bytes`).
     pub max_payload_bytes: usize,
 }
 
-/// A source whose client cannot be built (its TLS, for one).
+/// What a valid config may still fail at: a source whose client cannot be
+/// built (its TLS, for one), or the store.
 #[derive(Debug, thiserror::Error)]
-#[error("`sources.{source_name}`: cannot build its client: {error}")]
-pub struct GatewayError {
-    pub source_name: Arc<str>,
-    pub error: tonic::transport::Error,
+pub enum GatewayError {
+    #[error("`sources.{source_name}`: cannot build its client: {error}")]
+    Client {
+        source_name: Arc<str>,
+        error: tonic::transport::Error,
+    },
+    #[error("`server.store`: {0}")]
+    Store(#[from] redis::RedisError),
 }
 
 /// One call, as the API layer hands it over.
@@ -89,6 +99,15 @@ impl Gateway {
         tracing: Option<Tracing>,
         previous: Option<&Gateway>,
     ) -> Result<Self, GatewayError> {
+        let server = &config.server;
+        let store = match previous.map(|p| &p.store) {
+            Some(old) if old.is(server.store.as_deref(), server.store_timeout) => old.clone(),
+            _ => Store::open(
+                server.store.as_deref(),
+                server.store_timeout,
+                metrics.store(),
+            )?,
+        };
         let kept = |spec: &Arc<crate::config::SourceSpec>| {
             previous?
                 .sources
@@ -103,12 +122,12 @@ impl Gateway {
                 let source = match kept(spec) {
                     Some(source) => source,
                     None => Arc::new(
-                        Source::new(spec.clone(), metrics.source(&spec.name)).map_err(|error| {
-                            GatewayError {
+                        Source::new(spec.clone(), metrics.source(&spec.name), &store).map_err(
+                            |error| GatewayError::Client {
                                 source_name: spec.name.clone(),
                                 error,
-                            }
-                        })?,
+                            },
+                        )?,
                     ),
                 };
                 Ok((spec.name.clone(), source))
@@ -161,6 +180,12 @@ impl Gateway {
             unknown: [Rpc::Aggregate, Rpc::FetchAll]
                 .map(|rpc| metrics.calls(rpc, &Arc::from("unknown"))),
             metrics: metrics.clone(),
+            rate_limits: RateLimits::new(
+                &config.rate_limits,
+                &store,
+                previous.map(|p| &p.rate_limits),
+            ),
+            store,
             tracing,
             max_answer_bytes: config.server.max_answer_bytes,
             max_payload_bytes: config.server.max_payload_bytes,
@@ -251,6 +276,11 @@ impl Gateway {
             Some(d) => d.cap(agg.timeout),
             None => Deadline::after(agg.timeout),
         };
+        // After every check of the call's own inputs: a malformed call is
+        // not counted against the caller's quota.
+        self.rate_limits
+            .check(&agg.name, &renderer.inputs, deadline)
+            .await?;
         let _slot = match &self.calls {
             Some(calls) => Some(calls.enter(deadline).await.map_err(|full| {
                 if deadline.is_expired() {

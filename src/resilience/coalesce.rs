@@ -20,10 +20,10 @@ use std::{
 
 use tokio::{sync::watch, task::AbortHandle};
 
-use crate::{deadline::Deadline, error::SourceError};
+use crate::{deadline::Deadline, error::SourceError, upstream::Answer};
 
 /// What a shared call produced: its result and the requests it sent.
-pub type Shared = (Result<serde_json::Value, SourceError>, u32);
+pub type Shared = (Result<Answer, SourceError>, u32);
 
 /// The flights of one source, keyed by the fully rendered request.
 #[derive(Default)]
@@ -250,7 +250,7 @@ mod tests {
                 Box::pin(async move {
                     sleep(delay).await;
                     guard.finish();
-                    (Ok(serde_json::json!(n)), 1)
+                    (Ok(serde_json::json!(n).into()), 1)
                 })
             }
         }
@@ -273,7 +273,7 @@ mod tests {
         let mut roles = Vec::new();
         for call in calls {
             let ((result, sent), role) = call.await.unwrap();
-            assert_eq!(result.unwrap(), serde_json::json!(1));
+            assert_eq!(result.unwrap().value, serde_json::json!(1));
             assert_eq!(sent, 1);
             roles.push(role);
         }
@@ -302,7 +302,7 @@ mod tests {
         assert_eq!((a.1, b.1), (Role::Started, Role::Started));
         let (again, role) = c.call(b"a", after(1_000), &start).await;
         assert_eq!(role, Role::Started, "a completed call is not reused");
-        assert_eq!(again.0.unwrap(), serde_json::json!(3));
+        assert_eq!(again.0.unwrap().value, serde_json::json!(3));
         assert_eq!(c.stats().in_flight, 0);
     }
 
@@ -325,7 +325,7 @@ mod tests {
         starter.abort();
         // ...and the other still gets the one shared answer.
         let ((result, _), role) = other.await.unwrap();
-        assert_eq!(result.unwrap(), serde_json::json!(1));
+        assert_eq!(result.unwrap().value, serde_json::json!(1));
         assert_eq!(role, Role::Joined);
         assert_eq!(up.starts.load(Relaxed), 1);
         assert_eq!(up.aborted.load(Relaxed), 0);
@@ -374,7 +374,7 @@ mod tests {
         assert!(matches!(result, Err(SourceError::Timeout(_))), "{result:?}");
         let (((result, _), _), elapsed) = long.await.unwrap();
         assert_eq!(
-            result.unwrap(),
+            result.unwrap().value,
             serde_json::json!(2),
             "a fresh call answered"
         );

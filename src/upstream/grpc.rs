@@ -3,7 +3,10 @@
 //! turned into JSON within the source's size cap. The caller's remaining
 //! budget travels as `grpc-timeout`.
 
-use std::sync::Arc;
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering::Relaxed},
+};
 
 use bytes::Bytes;
 use prost_reflect::{DynamicMessage, SerializeOptions};
@@ -25,7 +28,9 @@ pub struct GrpcUpstream {
     /// Kept for `aggregator check --probe`, which dials a connection of its
     /// own. Boxed: large, and never needed by calls.
     endpoint: Box<Endpoint>,
-    channel: Channel,
+    /// One per connection (`connections`); calls take them in turn.
+    channels: Box<[Channel]>,
+    next: AtomicUsize,
     schema: Lookup<schema::MethodSchema>,
 }
 
@@ -76,7 +81,10 @@ impl GrpcUpstream {
         }
         Ok(Self {
             spec,
-            channel: endpoint.connect_lazy(),
+            channels: (0..grpc.connections.max(1))
+                .map(|_| endpoint.connect_lazy())
+                .collect(),
+            next: AtomicUsize::new(0),
             endpoint: Box::new(endpoint),
             schema: Lookup::new(grpc.schema.clone()),
         })
@@ -91,7 +99,10 @@ impl GrpcUpstream {
         let request = HealthCheckRequest {
             service: service.to_owned(),
         };
-        match HealthClient::new(self.channel.clone()).check(request).await {
+        match HealthClient::new(self.channel().clone())
+            .check(request)
+            .await
+        {
             Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => Ok(()),
             Ok(r) => Err(format!(
                 "grpc.health.v1 says `{service}` is {:?}",
@@ -102,6 +113,13 @@ impl GrpcUpstream {
                 SourceError::from_status(status)
             )),
         }
+    }
+
+    /// The next connection in turn: streams spread evenly over them, so no
+    /// single connection carries more than its share of a burst.
+    fn channel(&self) -> &Channel {
+        let i = self.next.fetch_add(1, Relaxed) % self.channels.len();
+        &self.channels[i]
     }
 
     fn grpc(&self) -> Option<&GrpcSpec> {
@@ -133,8 +151,10 @@ impl GrpcUpstream {
         };
         // Owned: the lookup runs on a task of its own. Boxed: it is a large
         // future needed once, and inline it would weigh on every call.
+        // Lookups are rare: they go over the first connection, leaving the
+        // turn of calls alone.
         let (channel, service, method) = (
-            self.channel.clone(),
+            self.channels[0].clone(),
             grpc.service.clone(),
             grpc.method.clone(),
         );
@@ -179,7 +199,7 @@ impl GrpcUpstream {
         let budget = deadline.remaining();
         request.set_timeout(budget);
         let limit = self.spec.max_response_bytes;
-        let mut grpc = Grpc::new(self.channel.clone()).max_decoding_message_size(limit);
+        let mut grpc = Grpc::new(self.channel().clone()).max_decoding_message_size(limit);
         grpc.ready()
             .await
             .map_err(|e| SourceError::Connect(Arc::from(e)))?;

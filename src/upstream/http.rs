@@ -14,8 +14,9 @@ use tokio::sync::Semaphore;
 
 use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
 
-use super::pool::CappedConnector;
+use super::{Answer, pool::CappedConnector};
 use crate::{
+    cache::Directive,
     config::{HttpSpec, PoolSpec, UpstreamTls},
     deadline::Deadline,
     error::{Cause, SourceError},
@@ -92,7 +93,7 @@ impl HttpUpstream {
         request: Request<Bytes>,
         deadline: Deadline,
         limit: usize,
-    ) -> Result<(serde_json::Value, StatusCode), SourceError> {
+    ) -> Result<(Answer, StatusCode), SourceError> {
         let _slot = match &self.slots {
             Some(slots) => match tokio::time::timeout_at(deadline.instant(), slots.acquire()).await
             {
@@ -202,7 +203,7 @@ async fn send(
     client: &Client<Connector, Full<Bytes>>,
     request: Request<Bytes>,
     limit: usize,
-) -> Result<(serde_json::Value, StatusCode), SourceError> {
+) -> Result<(Answer, StatusCode), SourceError> {
     let response = client
         .request(request.map(Full::new))
         .await
@@ -217,6 +218,7 @@ async fn send(
                 .and_then(|v| retry_after(v.to_str().ok()?)),
         });
     }
+    let directive = Directive::from_headers(response.headers());
     let declared = response
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -233,8 +235,9 @@ async fn send(
         })?
         .to_bytes();
     if status == StatusCode::NO_CONTENT || body.is_empty() && status != StatusCode::OK {
-        return Ok((serde_json::Value::Null, status));
+        let value = serde_json::Value::Null;
+        return Ok((Answer { value, directive }, status));
     }
     let value = serde_json::from_slice(&body).map_err(|e| SourceError::NotJson(Arc::new(e)))?;
-    Ok((value, status))
+    Ok((Answer { value, directive }, status))
 }

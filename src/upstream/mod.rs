@@ -3,6 +3,7 @@
 //! Rendering ([`Source::prepare`]) is separate from sending ([`Source::call`])
 //! so that every parameter is checked before any upstream is contacted.
 
+mod cached;
 pub mod codec;
 pub mod grpc;
 pub mod http;
@@ -24,6 +25,7 @@ use std::{
 use tokio::time::Instant;
 
 use crate::{
+    cache::{Cached, Directive, ResponseCache},
     config::{SourceKind, SourceSpec},
     deadline::Deadline,
     error::SourceError,
@@ -34,6 +36,7 @@ use crate::{
         hedge::Hedger,
         retry::{Decision, Retrier},
     },
+    store::Store,
 };
 
 pub use self::prepared::Prepared;
@@ -54,7 +57,24 @@ pub struct Source {
     coalescer: Option<Coalescer>,
     breaker: Option<Breaker>,
     hedger: Option<Hedger>,
+    cache: Option<ResponseCache>,
     metrics: SourceMetrics,
+}
+
+/// An upstream's answer: its JSON, and what it lets a cache do with it.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub value: serde_json::Value,
+    pub directive: Directive,
+}
+
+impl From<serde_json::Value> for Answer {
+    fn from(value: serde_json::Value) -> Self {
+        Self {
+            value,
+            directive: Directive::Default,
+        }
+    }
 }
 
 /// What one source call came to.
@@ -64,6 +84,8 @@ pub struct Fetched {
     pub sent: u32,
     /// Whether it joined an identical call already in flight.
     pub coalesced: bool,
+    /// Set when the cache answered.
+    pub cached: Option<Cached>,
 }
 
 enum Client {
@@ -78,6 +100,7 @@ impl Source {
     pub fn new(
         spec: Arc<SourceSpec>,
         metrics: SourceMetrics,
+        store: &Store,
     ) -> Result<Self, tonic::transport::Error> {
         let client = match &spec.kind {
             SourceKind::Grpc(g) => Client::Grpc(grpc::GrpcUpstream::new(spec.clone(), g)?),
@@ -93,6 +116,7 @@ impl Source {
             coalescer: spec.coalesce.then(Coalescer::default),
             breaker: (spec.breaker.clone()).map(|b| Breaker::new(spec.name.clone(), b)),
             hedger: (spec.hedge.clone()).map(|h| Hedger::new(h, spec.retry.is_none())),
+            cache: (spec.cache.clone()).map(|c| ResponseCache::new(&spec.name, c, store)),
             spec,
             client,
             metrics,
@@ -104,15 +128,16 @@ impl Source {
     }
 
     /// Calls the source, sharing the request with identical calls in flight
-    /// when it coalesces.
-    pub async fn fetch(self: &Arc<Self>, prepared: Prepared, deadline: Deadline) -> Fetched {
+    /// when it coalesces: the upstream's answer and the requests sent, and
+    /// whether it was shared.
+    async fn fetch_live(
+        self: &Arc<Self>,
+        prepared: Prepared,
+        deadline: Deadline,
+    ) -> (Result<Answer, SourceError>, u32, bool) {
         let Some(coalescer) = &self.coalescer else {
             let (result, sent) = self.call(prepared, deadline).await;
-            return Fetched {
-                result,
-                sent,
-                coalesced: false,
-            };
+            return (result, sent, false);
         };
         let key = prepared.key();
         let start = |deadline| {
@@ -124,11 +149,7 @@ impl Source {
         if role == Role::Joined {
             self.metrics.coalesce_waited(t0.elapsed().as_secs_f64());
         }
-        Fetched {
-            result,
-            sent,
-            coalesced: role == Role::Joined,
-        }
+        (result, sent, role == Role::Joined)
     }
 
     /// Runs the source's active health check, if it has one, every
@@ -172,6 +193,12 @@ impl Source {
         self.breaker.as_ref()
     }
 
+    /// Entries its response cache holds in this process, if it has one
+    /// there.
+    pub fn cache_entries(&self) -> Option<u64> {
+        self.cache.as_ref()?.entries()
+    }
+
     /// Counters of request coalescing, if the source coalesces.
     pub fn coalescing(&self) -> Option<crate::resilience::coalesce::Stats> {
         self.coalescer.as_ref().map(Coalescer::stats)
@@ -185,7 +212,7 @@ impl Source {
         &self,
         prepared: Prepared,
         deadline: Deadline,
-    ) -> (Result<serde_json::Value, SourceError>, u32) {
+    ) -> (Result<Answer, SourceError>, u32) {
         // An open circuit answers at once; the verdict on an admitted call
         // is recorded below, outside `send`, so a timeout counts too.
         let admission = match self.breaker.as_ref().map(Breaker::admit) {
@@ -279,7 +306,7 @@ impl Source {
         request: Prepared,
         deadline: Deadline,
         sent: &AtomicU32,
-    ) -> Result<serde_json::Value, SourceError> {
+    ) -> Result<Answer, SourceError> {
         let attempt = sent.fetch_add(1, Relaxed) + 1;
         match self.hedger.as_ref().and_then(|h| Some((h, h.delay()?))) {
             None => self.send(request, deadline, attempt).await,
@@ -298,7 +325,7 @@ impl Source {
         request: Prepared,
         deadline: Deadline,
         sent: &AtomicU32,
-    ) -> Result<serde_json::Value, SourceError> {
+    ) -> Result<Answer, SourceError> {
         let t0 = Instant::now();
         let first = self.send(request.clone(), deadline, sent.load(Relaxed));
         tokio::pin!(first);

@@ -169,6 +169,14 @@ impl Prepared {
     }
 }
 
+impl Prepared {
+    /// Without the caller's span: for a request no caller waits for.
+    pub fn detached(mut self) -> Self {
+        self.trace.span = None;
+        self
+    }
+}
+
 impl Clone for Prepared {
     /// For a retry; `http::Request` itself is not `Clone` (extensions).
     fn clone(&self) -> Self {

@@ -7,7 +7,7 @@ use http::StatusCode;
 use opentelemetry::KeyValue;
 use tokio::time::Instant;
 
-use super::{Client, Prepared, Source, prepared::Request};
+use super::{Answer, Client, Prepared, Source, prepared::Request};
 use crate::{
     config::SourceKind, deadline::Deadline, error::SourceError, telemetry::metrics::SourceMetrics,
 };
@@ -19,7 +19,7 @@ impl Source {
         prepared: Prepared,
         deadline: Deadline,
         attempt: u32,
-    ) -> Result<serde_json::Value, SourceError> {
+    ) -> Result<Answer, SourceError> {
         let mut sending = Sending {
             metrics: &self.metrics,
             started: Instant::now(),
@@ -42,7 +42,7 @@ impl Source {
         prepared: Prepared,
         deadline: Deadline,
         attempt: u32,
-    ) -> Result<serde_json::Value, SourceError> {
+    ) -> Result<Answer, SourceError> {
         let Prepared { request, trace } = prepared;
         let method = match &self.spec.kind {
             SourceKind::Grpc(g) => format!("{}/{}", g.service, g.method),
@@ -56,7 +56,7 @@ impl Source {
                         self.span_attributes("grpc", &method, attempt),
                     )
                 });
-                let result = g.call(request, deadline).await;
+                let result = g.call(request, deadline).await.map(Answer::from);
                 if let Some(span) = span {
                     let code = result
                         .as_ref()
@@ -91,7 +91,7 @@ impl Source {
                         .collect();
                     span.end(attributes, result.is_err());
                 }
-                result.map(|(value, _)| value)
+                result.map(|(answer, _)| answer)
             }
             // A source prepares its own requests: a mismatch is a bug, told
             // as one rather than a panic.

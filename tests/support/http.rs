@@ -33,6 +33,10 @@ pub struct HttpUpstream {
     own_thread: bool,
     tls: Option<Arc<rustls::ServerConfig>>,
     gate: Option<Gate>,
+    /// Requests up to this one pass the gate without waiting.
+    gate_after: u32,
+    /// Added to every response.
+    headers: Vec<(&'static str, &'static str)>,
     /// Answers each request by its path and query and its body.
     handler: Option<Handler>,
 }
@@ -52,6 +56,8 @@ impl Default for HttpUpstream {
             own_thread: false,
             tls: None,
             gate: None,
+            gate_after: 0,
+            headers: Vec::new(),
             handler: None,
         }
     }
@@ -125,6 +131,19 @@ impl HttpUpstream {
         self
     }
 
+    /// Holds every request after the first `n` at `gate`.
+    pub fn gated_after(mut self, n: u32, gate: &Gate) -> Self {
+        self.gate = Some(gate.clone());
+        self.gate_after = n;
+        self
+    }
+
+    /// Adds `name: value` to every response.
+    pub fn header(mut self, name: &'static str, value: &'static str) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+
     pub async fn start(self) -> Running {
         let (listener, addr) = listen().await;
         let log = Log::default();
@@ -162,7 +181,9 @@ impl HttpUpstream {
                 });
                 let nth = log.stats().started;
                 if let Some(gate) = &behaviour.gate {
-                    gate.pass().await;
+                    if nth > behaviour.gate_after {
+                        gate.pass().await;
+                    }
                 }
                 if behaviour.hang {
                     std::future::pending::<()>().await;
@@ -175,6 +196,11 @@ impl HttpUpstream {
                 in_flight.finish();
                 let mut response = Response::new(Full::new(behaviour.body.clone()));
                 *response.status_mut() = behaviour.status;
+                for (name, value) in &behaviour.headers {
+                    response
+                        .headers_mut()
+                        .append(*name, http::HeaderValue::from_static(value));
+                }
                 if let Some((status, json)) = answer {
                     *response.body_mut() = Full::new(Bytes::from(json.to_string()));
                     *response.status_mut() = StatusCode::from_u16(status).unwrap();

@@ -15,6 +15,7 @@ mod net;
 mod pki;
 mod process;
 pub mod raw;
+mod redis;
 mod telemetry;
 
 // Each test binary uses some of these.
@@ -28,6 +29,7 @@ pub use self::{
     net::{raw_tcp, refused_addr, refusing_addr, slow_reader_proxy},
     pki::Pki,
     process::{Process, TempDir},
+    redis::{Backing, Redis},
     telemetry::{Collector, sample, scrape},
 };
 
@@ -192,5 +194,13 @@ impl Gate {
 
     async fn pass(&self) {
         self.0.cancelled().await;
+    }
+}
+
+/// Why `toml` is not a valid config (it must not be).
+pub fn startup_error(toml: &str) -> String {
+    match aggregator::config::Config::parse(toml, "test config", std::path::Path::new(".")) {
+        Ok(_) => panic!("a valid config:\n{toml}"),
+        Err(e) => e.to_string(),
     }
 }

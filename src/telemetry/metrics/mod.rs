@@ -12,6 +12,7 @@ mod format;
 mod process;
 mod serve;
 mod state;
+mod store;
 
 use std::sync::{Arc, OnceLock};
 
@@ -22,7 +23,10 @@ use prometheus_client::{
 };
 use tonic::Code;
 
-pub use self::serve::serve;
+pub use self::{
+    serve::serve,
+    store::{CacheMetrics, CacheResult, StoreMetrics},
+};
 use crate::error::code_name;
 
 /// Which of the two RPCs a call is.
@@ -103,6 +107,7 @@ pub struct Metrics {
     build_info: Family<VersionLabels, Gauge>,
     reloads: Family<ResultLabels, Counter>,
     trace_export_failures: Counter,
+    store: StoreMetrics,
 }
 
 impl Default for Metrics {
@@ -123,6 +128,7 @@ impl Default for Metrics {
             build_info: Family::default(),
             reloads: Family::default(),
             trace_export_failures: Counter::default(),
+            store: StoreMetrics::default(),
         };
         metrics
             .build_info
@@ -212,6 +218,12 @@ impl Metrics {
             "Batches of spans the collector did not take (they are dropped).",
             self.trace_export_failures.clone(),
         );
+        self.store.register(registry);
+    }
+
+    /// The families of caches, rate limits and their store.
+    pub fn store(&self) -> StoreMetrics {
+        self.store.clone()
     }
 
     /// Counted by the trace exporter.

@@ -53,7 +53,12 @@ impl Collector for Sources {
                 }
             }
         }
-        let gauges: [(&str, &str, Read); 4] = [
+        let gauges: [(&str, &str, Read); 5] = [
+            (
+                "aggregator_cache_entries",
+                "Entries held by the source's response cache in this process (memory store).",
+                Source::cache_entries,
+            ),
             (
                 "aggregator_coalesce_keys_in_flight",
                 "Distinct coalesced requests in flight now.",
