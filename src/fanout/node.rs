@@ -124,7 +124,9 @@ pub async fn run(
     let (result, attempts, coalesced, cached) = match start {
         Err(error) => (Err(error), 0, false, None),
         Ok(Requests::One(prepared)) => fetch(source, prepared, deadline).await,
-        Ok(Requests::Each(requests)) => each(source, requests, deadline).await,
+        // Boxed: a list's future is twice a single request's, and inline it
+        // would weigh on every source of every call in flight.
+        Ok(Requests::Each(requests)) => Box::pin(each(source, requests, deadline)).await,
     };
     let result = result.and_then(|value| match &source.spec.transform {
         None => Ok(value),

@@ -29,6 +29,17 @@ impl Source {
                 cached: None,
             };
         };
+        // Boxed: the store's futures would otherwise weigh on every call of
+        // every source in flight, cached or not.
+        Box::pin(self.fetch_cached(cache, prepared, deadline)).await
+    }
+
+    async fn fetch_cached(
+        self: &Arc<Self>,
+        cache: &ResponseCache,
+        prepared: Prepared,
+        deadline: Deadline,
+    ) -> Fetched {
         let key = ResponseCache::key(&prepared.key());
         let fallback = match cache.lookup(&key, deadline).await {
             Lookup::Fresh(entry, age) => {
