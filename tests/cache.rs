@@ -146,6 +146,9 @@ async fn stale_while_revalidate_serves_at_once_and_refreshes_once(store: Backing
             .await,
         "one refresh was sent"
     );
+    // A second refresh would start at once, on the next stale call; give
+    // one a moment to show.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(upstream.log.stats().started, 2, "and only one");
     gate.open();
     // Once the refresh has landed, calls get its answer.

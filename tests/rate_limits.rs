@@ -154,3 +154,27 @@ async fn limits_that_cannot_work_are_startup_errors() {
         assert!(error.contains(key), "{table}: {error}");
     }
 }
+
+#[tokio::test]
+async fn a_reload_applies_the_new_settings_and_keeps_the_buckets() {
+    let upstream = Upstream::http().start().await;
+    let toml = |applies_to: &str| {
+        format!(
+            "{}coalesce = false\n{}{}[rate_limits.per_key]\nkey = \"{{@x-api-key}}\"\nrate = \"1/m\"\nburst = 1\naggregations = [\"{applies_to}\"]\n",
+            http_source("profile", &upstream, "/users/{user_id}"),
+            aggregation("limited", &["profile"], ""),
+            aggregation("free", &["profile"], ""),
+        )
+    };
+    let gateway = Gateway::start(&toml("limited")).await;
+    call(&gateway, "limited", Some("alice")).await.unwrap();
+    let refused = call(&gateway, "limited", Some("alice")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+
+    gateway.reload(&toml("free")).await.unwrap();
+    // The limit now applies to `free` only...
+    call(&gateway, "limited", Some("alice")).await.unwrap();
+    // ...and alice's bucket, spent before the reload, is still spent.
+    let refused = call(&gateway, "free", Some("alice")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+}

@@ -23,7 +23,8 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 /// A Profiles service that holds each call until `release` calls are in
-/// flight at once (or a second passes), so the burst is really concurrent;
+/// flight at once (a minute at most, so a broken test ends), so the burst
+/// is really concurrent;
 /// it records the peer port of each call, which tells the connections.
 #[derive(Clone)]
 struct Held {
@@ -44,13 +45,16 @@ impl Profiles for Held {
         if let Some(peer) = request.remote_addr() {
             self.peers.lock().unwrap().insert(peer.port());
         }
+        // Registered before counting, so the release cannot slip between.
         let released = self.released.notified();
+        tokio::pin!(released);
+        released.as_mut().enable();
         let now = self.in_flight.fetch_add(1, SeqCst) + 1;
         self.peak.fetch_max(now, SeqCst);
         if now >= self.release {
             self.released.notify_waiters();
         } else {
-            let _ = tokio::time::timeout(Duration::from_secs(1), released).await;
+            let _ = tokio::time::timeout(Duration::from_secs(60), released).await;
         }
         self.in_flight.fetch_sub(1, SeqCst);
         let user_id = request.into_inner().user_id;
@@ -82,10 +86,11 @@ async fn burst(
     connections: Option<usize>,
     calls: u32,
     streams: Option<u32>,
+    release: u32,
 ) -> (usize, usize, u32) {
     let held = Held {
         in_flight: Arc::default(),
-        release: calls,
+        release,
         released: Arc::default(),
         peers: Arc::default(),
         peak: Arc::default(),
@@ -125,7 +130,7 @@ async fn burst(
 
 #[tokio::test]
 async fn five_thousand_concurrent_calls_to_a_default_tonic_upstream_all_succeed() {
-    let (failed, connections, _) = burst(None, 5_000, None).await;
+    let (failed, connections, _) = burst(None, 5_000, None, 5_000).await;
     assert_eq!(failed, 0, "every call succeeds");
     assert_eq!(
         connections, 2,
@@ -136,10 +141,11 @@ async fn five_thousand_concurrent_calls_to_a_default_tonic_upstream_all_succeed(
 #[tokio::test]
 async fn connections_multiply_what_an_upstream_lets_one_connection_carry() {
     // 50 streams per connection: one connection holds 50 calls at once,
-    // the rest wait their turn in the gateway; four hold all 200.
-    let (failed, connections, peak) = burst(Some(4), 200, Some(50)).await;
+    // the rest wait their turn in the gateway; four hold all 200. The
+    // upstream lets calls go only once that many are in flight.
+    let (failed, connections, peak) = burst(Some(4), 200, Some(50), 200).await;
     assert_eq!((failed, connections, peak), (0, 4, 200));
-    let (failed, connections, peak) = burst(Some(1), 100, Some(50)).await;
+    let (failed, connections, peak) = burst(Some(1), 100, Some(50), 50).await;
     assert_eq!((failed, connections, peak), (0, 1, 50));
 }
 

@@ -33,7 +33,12 @@ impl Directive {
                     Some((name, arg)) => (name.trim(), Some(arg.trim().trim_matches('"'))),
                     None => (directive.trim(), None),
                 };
-                let seconds = || arg.and_then(|a| a.parse::<u64>().ok());
+                // Delta-seconds too large to hold mean "a very long time"
+                // (RFC 9111 5.2.1.1), not "not at all".
+                let seconds = || {
+                    arg.filter(|a| !a.is_empty() && a.bytes().all(|b| b.is_ascii_digit()))
+                        .map(|a| a.parse::<u64>().unwrap_or(u64::MAX))
+                };
                 match name.to_ascii_lowercase().as_str() {
                     "no-store" | "private" | "no-cache" => return Self::NoStore,
                     "max-age" => max_age = seconds().or(Some(0)),
@@ -159,6 +164,10 @@ mod tests {
         assert_eq!(directive(&["max-age=0"]).ttl(ttl), None);
         assert_eq!(directive(&["max-age=soon"]).ttl(ttl), None);
         assert_eq!(directive(&["immutable"]).ttl(ttl), Some(ttl));
+        assert_eq!(
+            directive(&["max-age=99999999999999999999999"]).ttl(ttl),
+            Some(ttl)
+        );
     }
 
     #[test]

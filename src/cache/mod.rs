@@ -25,6 +25,9 @@ use crate::{
 /// the hash being SHA-256 of the rendered request, in hex.
 pub const KEY_PREFIX: &str = "aggregator:cache:";
 
+/// Background refreshes one source runs at once, at most.
+const MAX_REFRESHES: usize = 64;
+
 /// A request's identity in the cache.
 pub type Key = [u8; 32];
 
@@ -54,6 +57,10 @@ pub struct ResponseCache {
     /// `None` with a shared store.
     memory: Option<moka::sync::Cache<Key, Arc<Entry>>>,
     store: Store,
+    /// What the request goes to beyond its own bytes (a gRPC source's
+    /// endpoint and method; an HTTP request's URL holds its own), so that
+    /// a reload pointing the source elsewhere never serves the old answers.
+    upstream: Vec<u8>,
     /// Keys being refreshed in the background, so each gets one refresh.
     refreshing: Arc<Mutex<HashSet<Key>>>,
     metrics: CacheMetrics,
@@ -76,7 +83,7 @@ fn lock(set: &Mutex<HashSet<Key>>) -> std::sync::MutexGuard<'_, HashSet<Key>> {
 }
 
 impl ResponseCache {
-    pub fn new(source: &Arc<str>, spec: CacheSpec, store: &Store) -> Self {
+    pub fn new(source: &Arc<str>, spec: CacheSpec, store: &Store, upstream: Vec<u8>) -> Self {
         let memory = (!store.is_shared()).then(|| {
             moka::sync::Cache::builder()
                 .max_capacity(spec.max_entries)
@@ -87,6 +94,7 @@ impl ResponseCache {
             prefix: format!("{KEY_PREFIX}{source}:"),
             memory,
             store: store.clone(),
+            upstream,
             refreshing: Default::default(),
             metrics: store.metrics().cache(source),
             spec,
@@ -94,8 +102,12 @@ impl ResponseCache {
     }
 
     /// The key of a request, from its bytes as coalescing sees them.
-    pub fn key(request: &[u8]) -> Key {
-        Sha256::digest(request).into()
+    pub fn key(&self, request: &[u8]) -> Key {
+        let mut hash = Sha256::new();
+        hash.update(&self.upstream);
+        hash.update(b"\n");
+        hash.update(request);
+        hash.finalize().into()
     }
 
     fn redis_key(&self, key: &Key) -> String {
@@ -152,9 +164,16 @@ impl ResponseCache {
         }
     }
 
-    /// Claims `key`'s background refresh; `None` if one is running.
+    /// Claims `key`'s background refresh; `None` if one is running, or if
+    /// as many refreshes as a source may run are (the stale entry is then
+    /// served without one: a caller sweeping stale keys cannot pile up
+    /// tasks).
     pub fn claim_refresh(&self, key: Key) -> Option<Refresh> {
-        lock(&self.refreshing).insert(key).then(|| Refresh {
+        let mut refreshing = lock(&self.refreshing);
+        if refreshing.len() >= MAX_REFRESHES {
+            return None;
+        }
+        refreshing.insert(key).then(|| Refresh {
             key,
             refreshing: self.refreshing.clone(),
         })
@@ -168,5 +187,30 @@ impl ResponseCache {
             m.run_pending_tasks();
             m.entry_count()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_request_to_another_upstream_is_another_entry() {
+        let store = Store::memory(Default::default());
+        let spec = CacheSpec {
+            ttl: Duration::from_secs(1),
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            max_entries: 10,
+        };
+        let cache =
+            |upstream: &str| ResponseCache::new(&"s".into(), spec.clone(), &store, upstream.into());
+        let (a, b) = (cache("http://a:1/p.S/M"), cache("http://a:1/p.S/N"));
+        assert_ne!(a.key(b"{\"id\":1}"), b.key(b"{\"id\":1}"));
+        assert_eq!(
+            a.key(b"{\"id\":1}"),
+            cache("http://a:1/p.S/M").key(b"{\"id\":1}")
+        );
+        assert_ne!(a.key(b"{\"id\":1}"), a.key(b"{\"id\":2}"));
     }
 }

@@ -8,6 +8,10 @@ use serde::Deserialize;
 use super::{ConfigError, MAX_COUNT, Validator};
 use crate::template::StrTemplate;
 
+/// The longest `ttl` or stale window: far beyond any use, far below what
+/// the caches' timers and Redis's expiries can take.
+const MAX_WINDOW: Duration = Duration::from_secs(365 * 86_400);
+
 /// A source's response cache when `max_entries` is not set.
 pub const DEFAULT_MAX_ENTRIES: u64 = 10_000;
 
@@ -136,6 +140,17 @@ impl Validator<'_> {
         let key = |field: &str| format!("sources.{source}.cache.{field}");
         if model.ttl.is_zero() {
             return Err(self.err(key("ttl"), "must be greater than zero"));
+        }
+        let windows = [
+            ("ttl", Some(model.ttl)),
+            ("stale_while_revalidate", model.stale_while_revalidate),
+            ("stale_if_error", model.stale_if_error),
+        ];
+        if let Some((field, _)) = windows
+            .iter()
+            .find(|(_, d)| d.is_some_and(|d| d > MAX_WINDOW))
+        {
+            return Err(self.err(key(field), "must be at most 365 days"));
         }
         let max_entries = model.max_entries.unwrap_or(DEFAULT_MAX_ENTRIES);
         if max_entries == 0 || max_entries > MAX_COUNT as u64 {

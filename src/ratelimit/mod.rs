@@ -41,7 +41,9 @@ pub struct Limit {
     spec: RateLimitSpec,
     /// Used when the store is memory. Keys are hashes: whatever a caller
     /// sends, a bucket costs the same.
-    memory: DefaultKeyedRateLimiter<[u8; 32]>,
+    /// Shared with the limit a reload replaces, when the buckets mean the
+    /// same (same name, key, rate and burst).
+    memory: Arc<DefaultKeyedRateLimiter<[u8; 32]>>,
     decisions: AtomicU64,
     store: Store,
     refused: Counter,
@@ -54,13 +56,14 @@ impl RateLimits {
         let limits = specs
             .iter()
             .map(|spec| {
-                let kept = previous.and_then(|p| {
+                // The buckets go on; everything else is the new spec's.
+                let buckets = previous.and_then(|p| {
                     p.limits
                         .iter()
                         .find(|l| same(&l.spec, spec) && l.store.same(store))
-                        .cloned()
+                        .map(|l| l.memory.clone())
                 });
-                kept.unwrap_or_else(|| Arc::new(Limit::new(spec.clone(), store)))
+                Arc::new(Limit::new(spec.clone(), store, buckets))
             })
             .collect();
         Self { limits }
@@ -88,13 +91,17 @@ fn same(a: &RateLimitSpec, b: &RateLimitSpec) -> bool {
 }
 
 impl Limit {
-    fn new(spec: RateLimitSpec, store: &Store) -> Self {
+    fn new(
+        spec: RateLimitSpec,
+        store: &Store,
+        buckets: Option<Arc<DefaultKeyedRateLimiter<[u8; 32]>>>,
+    ) -> Self {
         let burst = NonZeroU32::new(spec.burst).unwrap_or(NonZeroU32::MIN);
         let quota = Quota::with_period(spec.interval)
             .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
             .allow_burst(burst);
         Self {
-            memory: RateLimiter::keyed(quota),
+            memory: buckets.unwrap_or_else(|| Arc::new(RateLimiter::keyed(quota))),
             decisions: AtomicU64::new(0),
             refused: store.metrics().rate_limited(&spec.name),
             store: store.clone(),

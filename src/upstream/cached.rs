@@ -40,7 +40,7 @@ impl Source {
         prepared: Prepared,
         deadline: Deadline,
     ) -> Fetched {
-        let key = ResponseCache::key(&prepared.key());
+        let key = cache.key(&prepared.key());
         let fallback = match cache.lookup(&key, deadline).await {
             Lookup::Fresh(entry, age) => {
                 cache.record(CacheResult::Hit);

@@ -94,6 +94,15 @@ enum Client {
     Http(Box<http::HttpUpstream>),
 }
 
+/// What a source's requests go to beyond their own bytes: a gRPC source's
+/// endpoint and method (an HTTP request's URL names its upstream itself).
+fn upstream_identity(spec: &SourceSpec) -> Vec<u8> {
+    match &spec.kind {
+        SourceKind::Grpc(g) => format!("{}{}", g.endpoint, g.path).into_bytes(),
+        SourceKind::Http(_) => Vec::new(),
+    }
+}
+
 impl Source {
     /// Builds the client; gRPC channels connect lazily, so a down upstream
     /// does not stop the gateway from starting.
@@ -116,7 +125,8 @@ impl Source {
             coalescer: spec.coalesce.then(Coalescer::default),
             breaker: (spec.breaker.clone()).map(|b| Breaker::new(spec.name.clone(), b)),
             hedger: (spec.hedge.clone()).map(|h| Hedger::new(h, spec.retry.is_none())),
-            cache: (spec.cache.clone()).map(|c| ResponseCache::new(&spec.name, c, store)),
+            cache: (spec.cache.clone())
+                .map(|c| ResponseCache::new(&spec.name, c, store, upstream_identity(&spec))),
             spec,
             client,
             metrics,
