@@ -67,6 +67,18 @@ fn resources(manifests: &HashMap<String, Yaml>) -> Vec<&str> {
         .collect()
 }
 
+/// `aggregator check --strict` accepts `config`.
+async fn passes_a_strict_check(config: &str) {
+    let (path, _dir) = Process::config_file(config);
+    let output = Process::run(&["check", "--config", path.to_str().unwrap(), "--strict"]).await;
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+}
+
 fn config_text(manifests: &HashMap<String, Yaml>) -> &str {
     str_at(&manifests["ConfigMap"], &["data", "gateway.toml"])
 }
@@ -126,14 +138,7 @@ fn every_file_is_in_the_kustomization_and_every_kind_is_there() {
 #[tokio::test]
 async fn the_configmap_config_passes_a_strict_check() {
     let manifests = manifests();
-    let (path, _dir) = Process::config_file(config_text(&manifests));
-    let output = Process::run(&["check", "--config", path.to_str().unwrap(), "--strict"]).await;
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stdout)
-    );
+    passes_a_strict_check(config_text(&manifests)).await;
 }
 
 #[test]
@@ -406,12 +411,5 @@ async fn the_optional_redis_is_the_store_the_configmap_offers() {
     );
     // The whole config, with the store and with the cache too, passes a strict check.
     let config = config.replace("# cache = ", "cache = ");
-    let (path, _dir) = Process::config_file(&config);
-    let output = Process::run(&["check", "--config", path.to_str().unwrap(), "--strict"]).await;
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stdout)
-    );
+    passes_a_strict_check(&config).await;
 }
