@@ -299,6 +299,7 @@ class Bench:
         self.overhead(target, "http://" + grpc5)
         self.saturation(gw, target, "http://" + grpc0)
         self.tracing(gw, target, grpc0, http0)
+        self.coalescing(gw, target, grpc0, http0)
         self.chain(gw, target)
         self.cache(grpc0, http0)
         self.fanout(target)
@@ -501,6 +502,30 @@ class Bench:
             "spans_received_per_call": round(spans / calls, 2),
         }
 
+    def coalescing(self, gw, gateway, grpc, http):
+        """What coalescing costs when there is nothing to share: the same
+        saturating load, every call for another user, on a second gateway
+        with coalescing on; rounds alternate with the gateway without it."""
+        a = self.args
+        on_gw, target = self.gateway("coalescing", gateway_config([("d0", grpc, http)], coalesce=True))
+        self.load(target, "aggregate", "dash_d0", concurrency=1, duration="200ms", warmup="0s")
+        opts = dict(concurrency=a.saturation_concurrency, connections=4, duration=a.duration,
+                    users=1_000_000)
+        off, on = [], []
+        for _ in range(a.rounds):
+            off.append(self.cpu_per_call(gw, gateway, opts)[1])
+            on.append(self.cpu_per_call(on_gw, target, opts)[1])
+        joined = metric_sum(on_gw, "aggregator_coalesce_joined_calls")
+        on_gw.stop()
+        if joined:
+            sys.exit(f"bench: {joined:.0f} calls were coalesced, with a distinct user for every call")
+        off_us, on_us = statistics.median(off), statistics.median(on)
+        self.results["coalescing"] = {
+            "cpu_us_per_request_off": round(off_us, 1),
+            "cpu_us_per_request_on": round(on_us, 1),
+            "cost_percent": round(100 * (on_us - off_us) / off_us, 1),
+        }
+
     def fanout(self, gateway):
         a = self.args
         out = {}
@@ -576,6 +601,13 @@ class Bench:
             p.wait()
 
 
+def metric_sum(process, name):
+    """The sum of every series of metric `name` that `process` exports."""
+    text = urllib.request.urlopen(process.metrics_url(), timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if re.match(name + r"(\{| )", line))
+
+
 def _field(number, data):
     """A length-delimited protobuf field."""
     assert len(data) < 128
@@ -618,17 +650,17 @@ def parse_seconds(text):
     return float(m[1]) / (1000 if m[2] == "ms" else 1)
 
 
-def gateway_config(sets, fanout=None, http2=False, cache=False, server=""):
+def gateway_config(sets, fanout=None, http2=False, cache=False, server="", coalesce=False):
     """One gRPC and one HTTP source per upstream set, a 2-source aggregation
     over each, and 16 alternating sources for the fan-out aggregations; with
     `cache`, every source caches its answers for an hour. `server` adds
-    lines to [server]."""
+    lines to [server]; `coalesce` turns request coalescing on."""
     # Every call asks for the same user: coalescing would answer most of
     # them from another's request, so it is off to measure the full path.
     # HTTP sources may open a connection per call in flight (10,000 in the
     # in-flight run), as before the per-source cap existed.
     out = ['[server]\nlisten = "127.0.0.1:0"\nmetrics_listen = "127.0.0.1:0"\ndrain_timeout = "1s"\n' + server +
-           '[defaults]\ncoalesce = false\nmax_connections = 20000\n']
+           '[defaults]\ncoalesce = ' + ("true" if coalesce else "false") + '\nmax_connections = 20000\n']
     cached = 'cache = { ttl = "1h" }\n' if cache else ""
 
 
@@ -708,6 +740,7 @@ def table(r, place):
     o, s, f, u, m = r["overhead"], r["saturation"], r["fanout"], r["under_load"], r["in_flight_10k"]
     one = r.get("overhead_one_cpu")
     t = r["tracing"]
+    k = r["coalescing"]
     c = r["chain"]
     rows = [
         ("Overhead p50, 1 in flight, 5 ms upstreams",
@@ -750,6 +783,9 @@ def table(r, place):
          f"{t['cpu_us_per_request_on']:.0f} µs against {t['cpu_us_per_request_off']:.0f} µs untraced "
          f"({t['cost_us']:+.0f} µs; {t['spans_received_per_call']} spans received per call)",
          "", ""),
+        ("Same, coalescing on with nothing to share (every call another user)",
+         f"{k['cpu_us_per_request_on']:.0f} µs against {k['cpu_us_per_request_off']:.0f} µs off "
+         f"({k['cost_percent']:+.1f}%)", "≤ +5%", verdict(k["cost_percent"], 5)),
         ("Gateway CPU per call, two-level chain vs flat 2-source",
          f"{c['chain_cpu_us_per_request']:.0f} µs vs {c['flat_cpu_us_per_request']:.0f} µs "
          f"({c['chain_cpu_us_per_request'] - c['flat_cpu_us_per_request']:+.0f} µs)", "", ""),

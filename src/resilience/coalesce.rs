@@ -1,17 +1,20 @@
 //! Request coalescing (singleflight): concurrent identical upstream calls
 //! share one request.
 //!
-//! Unlike Go's singleflight, the shared call runs on its own task, so the
-//! caller that started it can leave (cancel, or reach its deadline) without
-//! failing the others; it is aborted only when its last waiter has left. It
-//! carries the deadline of the caller that started it; when it ends in
-//! DEADLINE_EXCEEDED, waiters with time left start a fresh one under their
-//! own budget rather than inherit an expiry that is not theirs. Nothing is
-//! kept once a call completes.
+//! The caller that starts a call drives it itself, on its own task, so a
+//! call that nobody joins costs no task, no channel message and no copy of
+//! its answer. Unlike Go's singleflight, that caller may leave (cancel, or
+//! reach its deadline) without failing the others: if anyone is waiting,
+//! the call is handed to a task of its own and goes on; it is aborted only
+//! when its last waiter has left. It carries the deadline of the caller that
+//! started it; when it ends in DEADLINE_EXCEEDED, waiters with time left
+//! start a fresh one under their own budget rather than inherit an expiry
+//! that is not theirs. Nothing is kept once a call completes.
 
 use std::{
     collections::HashMap,
     future::Future,
+    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
@@ -57,16 +60,29 @@ struct Flight {
     id: u64,
     deadline: Deadline,
     result: watch::Receiver<Option<Shared>>,
-    /// Changed under the map's lock only, so joining and leaving are ordered.
+    /// The starter and its joiners. Changed under the map's lock only, so
+    /// joining, leaving and handing off are ordered.
     waiters: AtomicUsize,
-    task: AbortHandle,
+    /// Set (under the map's lock) once the starter has left and the call
+    /// runs on a task of its own.
+    task: Mutex<Option<AbortHandle>>,
 }
 
-/// One caller's place on a flight; leaving (drop) may abort it.
+/// A joiner's place on a flight; leaving (drop) may abort it.
 struct Waiter<'a> {
     coalescer: &'a Coalescer,
     key: &'a [u8],
     flight: Arc<Flight>,
+}
+
+/// The starter's place: it owns the call and polls it.
+struct Starter<'a> {
+    coalescer: &'a Coalescer,
+    key: &'a [u8],
+    flight: Arc<Flight>,
+    /// Taken when it completes, or when it is handed off.
+    call: Option<Pin<Box<dyn Future<Output = Shared> + Send>>>,
+    tx: Option<watch::Sender<Option<Shared>>>,
 }
 
 /// How a caller got its answer.
@@ -79,80 +95,88 @@ pub enum Role {
 }
 
 impl Coalescer {
-    /// Answers with the shared call for `key`, starting it with `start` (run
-    /// on its own task under `deadline`) when none is in flight.
+    /// Answers with the shared call for `key`, starting it with `start`
+    /// under `deadline` when none is in flight.
     pub async fn call<F, Fut>(&self, key: &[u8], deadline: Deadline, start: F) -> (Shared, Role)
     where
-        F: Fn(Deadline) -> Fut,
+        F: FnOnce(Deadline) -> Fut,
         Fut: Future<Output = Shared> + Send + 'static,
     {
+        let mut start = Some(start);
         loop {
-            let (waiter, role) = self.join(key, deadline, &start);
-            let flight_deadline = waiter.flight.deadline;
-            let shared = waiter.wait().await;
-            // The call expired on its starter's budget, not ours: go again.
-            if matches!(shared.0, Err(SourceError::Timeout(_)))
-                && flight_deadline < deadline
-                && !deadline.is_expired()
-            {
-                continue;
-            }
-            return (shared, role);
+            let (flight, tx) = self.join(key, deadline);
+            let Some(tx) = tx else {
+                let flight_deadline = flight.deadline;
+                let waiter = Waiter {
+                    coalescer: self,
+                    key,
+                    flight,
+                };
+                let shared = waiter.wait().await;
+                // The call expired on its starter's budget, not ours: go again.
+                if matches!(shared.0, Err(SourceError::Timeout(_)))
+                    && flight_deadline < deadline
+                    && !deadline.is_expired()
+                {
+                    continue;
+                }
+                return (shared, Role::Joined);
+            };
+            let budget = deadline.remaining();
+            let mut starter = Starter {
+                coalescer: self,
+                key,
+                flight,
+                call: None,
+                tx: Some(tx),
+            };
+            // Only a flight of our own deadline is started, and its answer
+            // is returned: a caller starts at most one call.
+            let shared = match start.take() {
+                Some(start) => {
+                    let call = start(deadline);
+                    // The deadline bounds the shared call whatever the source does.
+                    let call = starter.call.insert(Box::pin(async move {
+                        tokio::time::timeout_at(deadline.instant(), call)
+                            .await
+                            .unwrap_or((Err(SourceError::Timeout(budget)), 0))
+                    }));
+                    let shared = call.await;
+                    starter.call = None;
+                    shared
+                }
+                None => (Err(SourceError::Timeout(budget)), 0),
+            };
+            return (starter.finish(shared), Role::Started);
         }
     }
 
-    fn join<'a, F, Fut>(
-        &'a self,
-        key: &'a [u8],
+    /// Joins the flight in flight for `key`, or registers a new one, whose
+    /// sender is returned: the caller is to start it.
+    fn join(
+        &self,
+        key: &[u8],
         deadline: Deadline,
-        start: &F,
-    ) -> (Waiter<'a>, Role)
-    where
-        F: Fn(Deadline) -> Fut,
-        Fut: Future<Output = Shared> + Send + 'static,
-    {
+    ) -> (Arc<Flight>, Option<watch::Sender<Option<Shared>>>) {
         let mut flights = self.flights.lock().expect("coalescer lock");
         if let Some(flight) = flights.get(key) {
             let waiters = flight.waiters.fetch_add(1, Relaxed) + 1;
             self.stats.coalesced.fetch_add(1, Relaxed);
             self.stats.peak_waiters.fetch_max(waiters, Relaxed);
-            let flight = flight.clone();
-            return (self.waiter(key, flight), Role::Joined);
+            return (flight.clone(), None);
         }
-        let id = self.next_id.fetch_add(1, Relaxed);
         let (tx, rx) = watch::channel(None);
-        let budget = deadline.remaining();
-        let call = start(deadline);
-        let (map, owned_key) = (self.flights.clone(), Box::<[u8]>::from(key));
-        let task = tokio::spawn(async move {
-            // The deadline bounds the shared call whatever the source does.
-            let shared = tokio::time::timeout_at(deadline.instant(), call)
-                .await
-                .unwrap_or((Err(SourceError::Timeout(budget)), 0));
-            // Forget the flight before answering: nothing is kept, and a
-            // caller arriving from now on starts a fresh call.
-            remove(&map, &owned_key, id);
-            let _ = tx.send(Some(shared));
-        });
         let flight = Arc::new(Flight {
-            id,
+            id: self.next_id.fetch_add(1, Relaxed),
             deadline,
             result: rx,
             waiters: AtomicUsize::new(1),
-            task: task.abort_handle(),
+            task: Mutex::new(None),
         });
         flights.insert(key.into(), flight.clone());
         self.stats.calls.fetch_add(1, Relaxed);
         self.stats.peak_waiters.fetch_max(1, Relaxed);
-        (self.waiter(key, flight), Role::Started)
-    }
-
-    fn waiter<'a>(&'a self, key: &'a [u8], flight: Arc<Flight>) -> Waiter<'a> {
-        Waiter {
-            coalescer: self,
-            key,
-            flight,
-        }
+        (flight, Some(tx))
     }
 
     pub fn stats(&self) -> Stats {
@@ -168,10 +192,61 @@ impl Coalescer {
 type Flights = Mutex<HashMap<Box<[u8]>, Arc<Flight>>>;
 
 /// Forgets flight `id` if it is still the one in flight for `key`.
-fn remove(flights: &Flights, key: &[u8], id: u64) {
-    let mut flights = flights.lock().expect("coalescer lock");
+fn remove(flights: &mut HashMap<Box<[u8]>, Arc<Flight>>, key: &[u8], id: u64) {
     if flights.get(key).is_some_and(|f| f.id == id) {
         flights.remove(key);
+    }
+}
+
+impl Starter<'_> {
+    /// The starter's own answer; joiners get a copy only if there are any.
+    fn finish(&mut self, shared: Shared) -> Shared {
+        let mut flights = self.coalescer.flights.lock().expect("coalescer lock");
+        // Forget the flight before answering: nothing is kept, and a caller
+        // arriving from now on starts a fresh call.
+        remove(&mut flights, self.key, self.flight.id);
+        let joined = self.flight.waiters.load(Relaxed) > 1;
+        if let Some(tx) = self.tx.take()
+            && joined
+        {
+            let _ = tx.send(Some(shared.clone()));
+        }
+        shared
+    }
+}
+
+impl Drop for Starter<'_> {
+    fn drop(&mut self) {
+        let Some(call) = self.call.take() else {
+            return;
+        };
+        // The starter left before the answer.
+        let mut flights = self.coalescer.flights.lock().expect("coalescer lock");
+        let left = self.flight.waiters.fetch_sub(1, Relaxed) - 1;
+        if left == 0 {
+            // Nobody else wants it: dropping the call aborts it.
+            remove(&mut flights, self.key, self.flight.id);
+            return;
+        }
+        // Others wait: the call goes on without us, on its own task.
+        let (map, key, id) = (
+            self.coalescer.flights.clone(),
+            Box::<[u8]>::from(self.key),
+            self.flight.id,
+        );
+        let tx = self.tx.take();
+        // Outside a runtime (it is shutting down) nothing can run it on.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let task = runtime.spawn(async move {
+            let shared = call.await;
+            remove(&mut map.lock().expect("coalescer lock"), &key, id);
+            if let Some(tx) = tx {
+                let _ = tx.send(Some(shared));
+            }
+        });
+        *self.flight.task.lock().expect("coalescer lock") = Some(task.abort_handle());
     }
 }
 
@@ -179,8 +254,11 @@ impl Waiter<'_> {
     async fn wait(self) -> Shared {
         let mut result = self.flight.result.clone();
         match result.wait_for(Option::is_some).await {
-            Ok(value) => value.clone().expect("waited for Some"),
-            // The task ended without an answer: it panicked.
+            Ok(value) => match value.clone() {
+                Some(shared) => shared,
+                None => (Err(SourceError::Decode("the shared call failed".into())), 0),
+            },
+            // The call ended without an answer: its task panicked.
             Err(_) => (Err(SourceError::Decode("the shared call failed".into())), 0),
         }
     }
@@ -193,14 +271,13 @@ impl Drop for Waiter<'_> {
         let left = self.flight.waiters.fetch_sub(1, Relaxed) - 1;
         let answered = self.flight.result.borrow().is_some();
         if left == 0 && !answered {
-            // The last caller left before the answer: nobody wants it.
-            self.flight.task.abort();
-            if flights
-                .get(self.key)
-                .is_some_and(|f| f.id == self.flight.id)
-            {
-                flights.remove(self.key);
+            // The last caller left before the answer: nobody wants it. The
+            // starter is gone too (it counts as a waiter), so the call runs
+            // on its task.
+            if let Some(task) = self.flight.task.lock().expect("coalescer lock").take() {
+                task.abort();
             }
+            remove(&mut flights, self.key, self.flight.id);
         }
     }
 }
@@ -288,6 +365,49 @@ mod tests {
                 peak_waiters: 10
             }
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_nobody_joins_runs_on_its_callers_task_and_hands_off_when_joined() {
+        let c = Arc::new(Coalescer::default());
+        let ran_on = Arc::new(Mutex::new(Vec::new()));
+        let start = |ran_on: Arc<Mutex<Vec<_>>>| {
+            move |_| async move {
+                sleep(Duration::from_millis(100)).await;
+                ran_on.lock().unwrap().push(tokio::task::try_id());
+                (Ok(serde_json::json!(1).into()), 1)
+            }
+        };
+        let caller = tokio::spawn({
+            let (c, start) = (c.clone(), start(ran_on.clone()));
+            async move {
+                let id = tokio::task::try_id();
+                (c.call(b"k", after(1_000), start).await, id)
+            }
+        });
+        let ((_, role), caller_id) = caller.await.unwrap();
+        assert_eq!(role, Role::Started);
+        assert_eq!(ran_on.lock().unwrap().as_slice(), &[caller_id]);
+        // Joined, then left: the call moves to a task of its own.
+        ran_on.lock().unwrap().clear();
+        let starter = tokio::spawn({
+            let (c, start) = (c.clone(), start(ran_on.clone()));
+            async move { c.call(b"k", after(1_000), start).await }
+        });
+        sleep(Duration::from_millis(1)).await;
+        let joiner = tokio::spawn({
+            let (c, start) = (c.clone(), start(ran_on.clone()));
+            async move { c.call(b"k", after(1_000), start).await }
+        });
+        sleep(Duration::from_millis(1)).await;
+        let starter_id = starter.id();
+        starter.abort();
+        let (_, role) = joiner.await.unwrap();
+        assert_eq!(role, Role::Joined);
+        let ran = ran_on.lock().unwrap().clone();
+        assert_eq!(ran.len(), 1, "one request for both");
+        assert!(ran[0].is_some_and(|id| id != starter_id), "{ran:?}");
+        assert_eq!(c.stats().in_flight, 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -150,10 +150,8 @@ impl Source {
             return (result, sent, false);
         };
         let key = prepared.key();
-        let start = |deadline| {
-            let (source, prepared) = (self.clone(), prepared.clone());
-            async move { source.call(prepared, deadline).await }
-        };
+        let source = self.clone();
+        let start = move |deadline| async move { source.call(prepared, deadline).await };
         let t0 = Instant::now();
         let ((result, sent), role) = coalescer.call(&key, deadline, start).await;
         if role == Role::Joined {

@@ -44,18 +44,9 @@ impl Source {
         attempt: u32,
     ) -> Result<Answer, SourceError> {
         let Prepared { request, trace } = prepared;
-        let method = match &self.spec.kind {
-            SourceKind::Grpc(g) => format!("{}/{}", g.service, g.method),
-            SourceKind::Http(h) => h.method.to_string(),
-        };
         match (&self.client, request) {
             (Client::Grpc(g), Request::Grpc(mut request)) => {
-                let span = trace.begin(&mut request.metadata, || {
-                    (
-                        method.clone(),
-                        self.span_attributes("grpc", &method, attempt),
-                    )
-                });
+                let span = trace.begin(&mut request.metadata, || self.describe("grpc", attempt));
                 let result = g.call(request, deadline).await.map(Answer::from);
                 if let Some(span) = span {
                     let code = result
@@ -70,12 +61,7 @@ impl Source {
                 result
             }
             (Client::Http(c), Request::Http(mut request)) => {
-                let span = trace.begin(request.headers_mut(), || {
-                    (
-                        method.clone(),
-                        self.span_attributes("http", &method, attempt),
-                    )
-                });
+                let span = trace.begin(request.headers_mut(), || self.describe("http", attempt));
                 let result = c
                     .call(*request, deadline, self.spec.max_response_bytes)
                     .await;
@@ -101,17 +87,23 @@ impl Source {
         }
     }
 
-    fn span_attributes(&self, system: &'static str, method: &str, attempt: u32) -> Vec<KeyValue> {
+    /// A client span's name and attributes; made only for a traced request.
+    fn describe(&self, system: &'static str, attempt: u32) -> (String, Vec<KeyValue>) {
+        let method = match &self.spec.kind {
+            SourceKind::Grpc(g) => format!("{}/{}", g.service, g.method),
+            SourceKind::Http(h) => h.method.to_string(),
+        };
         let method_key = match system {
             "grpc" => "rpc.method",
             _ => "http.request.method",
         };
-        vec![
+        let attributes = vec![
             KeyValue::new("aggregator.source", self.spec.name.to_string()),
             KeyValue::new("rpc.system", system),
-            KeyValue::new(method_key, method.to_owned()),
+            KeyValue::new(method_key, method.clone()),
             KeyValue::new("aggregator.attempt", i64::from(attempt)),
-        ]
+        ];
+        (method, attributes)
     }
 }
 
