@@ -8,7 +8,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use futures_util::{StreamExt, stream::FuturesUnordered};
+use futures_util::{StreamExt, future::BoxFuture, stream::FuturesUnordered};
 use tokio::time::Instant;
 
 mod node;
@@ -118,7 +118,10 @@ pub async fn run(
     }
     let mut slots: Vec<Option<Outcome>> = nodes.iter().map(|_| None).collect();
     let mut waiting: Vec<Option<Node>> = Vec::with_capacity(nodes.len());
-    let mut pending = FuturesUnordered::new();
+    // Boxed: FuturesUnordered keeps a stub task as large as its future
+    // type, so unboxed every call in flight would hold an empty copy of a
+    // per-source future (~4 KB) beside the real ones.
+    let mut pending: FuturesUnordered<BoxFuture<'_, (usize, Outcome)>> = FuturesUnordered::new();
     for (i, node) in nodes.into_iter().enumerate() {
         let start = match node.start {
             Start::Ready(requests) => Ok(requests),
@@ -128,7 +131,13 @@ pub async fn run(
                 continue;
             }
         };
-        pending.push(node::run(i, node.source, node.optional, start, deadline));
+        pending.push(Box::pin(node::run(
+            i,
+            node.source,
+            node.optional,
+            start,
+            deadline,
+        )));
         waiting.push(None);
     }
 
@@ -159,7 +168,13 @@ pub async fn run(
                     continue;
                 };
                 let start = start_reader(&node, &slots, &renderer);
-                pending.push(node::run(r, node.source, node.optional, start, deadline));
+                pending.push(Box::pin(node::run(
+                    r,
+                    node.source,
+                    node.optional,
+                    start,
+                    deadline,
+                )));
             }
         }
         Ok(())
